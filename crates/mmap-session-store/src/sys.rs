@@ -1,0 +1,127 @@
+//! The few system calls the store needs beyond `std`: open-file-description locks, space
+//! reservation and the effective user id.
+//!
+//! OFD locks (`F_OFD_SETLK`) belong to the open file description, not to the process, and are
+//! released by the kernel when the last descriptor of it closes, which includes the process
+//! being killed. That is what lets one process learn, without anyone's help, that another died.
+//! Classic `fcntl` locks are unusable here: closing *any* descriptor of the file drops them.
+
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// What kind of lock to take on a byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LockKind {
+    Shared,
+    Exclusive,
+}
+
+fn flock_for(kind: Option<LockKind>, byte: i64) -> libc::flock {
+    // SAFETY: `flock` is a plain C struct of integers; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = match kind {
+        Some(LockKind::Shared) => libc::F_RDLCK as libc::c_short,
+        Some(LockKind::Exclusive) => libc::F_WRLCK as libc::c_short,
+        None => libc::F_UNLCK as libc::c_short,
+    };
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    fl.l_pid = 0;
+    fl
+}
+
+fn fcntl_lock(file: &File, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
+    // SAFETY: `fl` is a valid, initialised `flock` that outlives the call, and the descriptor is
+    // owned by `file`, which is open for the duration of the call.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, fl as *mut libc::flock) };
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Tries to lock one byte of `file` without waiting. `Ok(false)` if another open file
+/// description holds a conflicting lock.
+pub(crate) fn try_lock(file: &File, byte: i64, kind: LockKind) -> io::Result<bool> {
+    let mut fl = flock_for(Some(kind), byte);
+    match fcntl_lock(file, libc::F_OFD_SETLK, &mut fl) {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Locks one byte of `file`, waiting as long as it takes.
+pub(crate) fn lock(file: &File, byte: i64, kind: LockKind) -> io::Result<()> {
+    let mut fl = flock_for(Some(kind), byte);
+    loop {
+        match fcntl_lock(file, libc::F_OFD_SETLKW, &mut fl) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Releases a lock taken by `try_lock` or `lock`.
+pub(crate) fn unlock(file: &File, byte: i64) -> io::Result<()> {
+    let mut fl = flock_for(None, byte);
+    fcntl_lock(file, libc::F_OFD_SETLK, &mut fl)
+}
+
+/// True if some other open file description holds a lock on `byte` (that is: the process that
+/// registered that byte is alive). Locks held through `file` itself never count.
+pub(crate) fn is_locked_by_other(file: &File, byte: i64) -> io::Result<bool> {
+    let mut fl = flock_for(Some(LockKind::Exclusive), byte);
+    fcntl_lock(file, libc::F_OFD_GETLK, &mut fl)?;
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Reserves disk (or tmpfs) space for `off..off+len`, growing the file if needed, so that later
+/// writes through the mapping cannot fault with SIGBUS. `ErrorKind::StorageFull` when there is
+/// no space.
+pub(crate) fn reserve(file: &File, off: u64, len: u64) -> io::Result<()> {
+    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "range too large",
+        ));
+    };
+    // SAFETY: plain system call on a descriptor owned by `file`; no pointers are passed.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), o, l) };
+    match rc {
+        0 => Ok(()),
+        libc::EOPNOTSUPP | libc::EINVAL => reserve_by_writing(file, off, len),
+        code => Err(io::Error::from_raw_os_error(code)),
+    }
+}
+
+/// For filesystems without `fallocate`: write zeros, which allocates the blocks just as well.
+fn reserve_by_writing(file: &File, off: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 16];
+    let mut done = 0;
+    let current = file.metadata()?.len();
+    while done < len {
+        let at = off + done;
+        let n = (len - done).min(zeros.len() as u64);
+        // Never overwrite bytes that are already part of the file.
+        if at + n > current {
+            let start = at.max(current);
+            let skip = (start - at) as usize;
+            file.write_all_at(&zeros[..n as usize - skip], start)?;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// The effective user id of this process.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: `geteuid` has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}

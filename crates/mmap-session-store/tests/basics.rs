@@ -1,0 +1,421 @@
+//! Behaviour of one store in one process (several threads where it matters).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant, SystemTime};
+
+use mmap_session_store::{OpenError, Options, Store, StoreError};
+
+fn later() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(3600)
+}
+
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(5)
+}
+
+fn small() -> Options {
+    Options::new().max_sessions(1000).max_file_size(64 << 20)
+}
+
+#[test]
+fn a_committed_value_is_read_back_by_get_and_by_the_next_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), small()).unwrap();
+    assert_eq!(store.get(b"k"), None);
+    let mut lease = store.lease_blocking(b"k", soon()).unwrap();
+    assert_eq!(lease.read(), None);
+    lease.commit(b"hello", later()).unwrap();
+    assert_eq!(lease.read().unwrap().value, b"hello");
+    drop(lease);
+    assert_eq!(store.get(b"k").unwrap().value, b"hello");
+    let mut lease = store.lease_blocking(b"k", soon()).unwrap();
+    lease.commit(b"world!", later()).unwrap();
+    lease.release();
+    assert_eq!(store.get(b"k").unwrap().value, b"world!");
+    assert_eq!(store.stats().live_records, 1);
+    assert!(store.verify().is_clean(), "{:?}", store.verify());
+}
+
+#[test]
+fn a_second_opener_of_the_same_path_sees_the_same_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let a = Store::open_with(&path, small()).unwrap();
+    let b = Store::open_with(&path, small()).unwrap();
+    let mut lease = a.lease_blocking(b"k", soon()).unwrap();
+    lease.commit(b"v", later()).unwrap();
+    assert!(
+        b.try_lease(b"k").unwrap().is_none(),
+        "the lease excludes the other opener"
+    );
+    drop(lease);
+    assert_eq!(b.get(b"k").unwrap().value, b"v");
+    assert!(b.try_lease(b"k").unwrap().is_some());
+}
+
+#[test]
+fn remove_deletes_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), small()).unwrap();
+    let mut lease = store.lease_blocking(b"k", soon()).unwrap();
+    lease.commit(b"v", later()).unwrap();
+    lease.remove().unwrap();
+    assert_eq!(lease.read(), None);
+    drop(lease);
+    assert_eq!(store.get(b"k"), None);
+    assert_eq!(store.stats().live_records, 0);
+    assert!(store.verify().is_clean());
+}
+
+#[test]
+fn expired_records_are_never_returned_and_their_space_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), small()).unwrap();
+    let mut lease = store.lease_blocking(b"k", soon()).unwrap();
+    lease
+        .commit(b"v", SystemTime::now() - Duration::from_millis(1))
+        .unwrap();
+    assert_eq!(lease.read(), None);
+    drop(lease); // the release reclaims the expired record
+    assert_eq!(store.get(b"k"), None);
+    assert_eq!(store.stats().live_records, 0);
+    assert_eq!(store.stats().expired_reclaimed, 1);
+}
+
+#[test]
+fn a_value_over_the_maximum_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), small().max_value_len(1000)).unwrap();
+    let mut lease = store.lease_blocking(b"k", soon()).unwrap();
+    lease.commit(b"old", later()).unwrap();
+    let err = lease.commit(&[7u8; 1001], later()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::TooLarge {
+                len: 1001,
+                max: 1000
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(lease.read().unwrap().value, b"old");
+    lease.commit(&[7u8; 1000], later()).unwrap();
+}
+
+#[test]
+fn the_default_maximum_value_is_at_least_64_kib() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), Options::new().max_sessions(100)).unwrap();
+    let mut lease = store.lease_blocking(b"k", soon()).unwrap();
+    let big = vec![0xabu8; 64 << 10];
+    lease.commit(&big, later()).unwrap();
+    assert_eq!(lease.read().unwrap().value, big);
+}
+
+#[test]
+fn a_held_lease_makes_others_wait_until_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), small()).unwrap();
+    let _held = store.lease_blocking(b"k", soon()).unwrap();
+    assert!(store.try_lease(b"k").unwrap().is_none());
+    let start = Instant::now();
+    let err = store
+        .lease_blocking(b"k", Instant::now() + Duration::from_millis(50))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::LeaseTimeout));
+    assert!(start.elapsed() >= Duration::from_millis(50));
+    assert!(
+        store.try_lease(b"other").unwrap().is_some(),
+        "other keys are not affected"
+    );
+}
+
+#[test]
+fn a_waiter_is_woken_by_the_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), small()).unwrap();
+    let held = store.lease_blocking(b"k", soon()).unwrap();
+    let waiter = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let mut lease = store
+                .lease_blocking(b"k", Instant::now() + Duration::from_secs(20))
+                .unwrap();
+            lease.commit(b"second", later()).unwrap();
+        })
+    };
+    // Wait until the waiter is registered (it counts a lease wait), then release.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.stats().lease_waits == 0 {
+        assert!(Instant::now() < deadline, "waiter never waited");
+        std::thread::yield_now();
+    }
+    drop(held);
+    waiter.join().unwrap();
+    assert_eq!(store.get(b"k").unwrap().value, b"second");
+}
+
+#[test]
+fn threads_incrementing_shared_counters_lose_no_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), small()).unwrap();
+    let threads = 8;
+    let rounds = 2000;
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                for i in 0..rounds {
+                    let key = [((t + i) % 4) as u8];
+                    let mut lease = store
+                        .lease_blocking(&key, Instant::now() + Duration::from_secs(30))
+                        .unwrap();
+                    let n = lease
+                        .read()
+                        .map_or(0, |r| u64::from_le_bytes(r.value.try_into().unwrap()));
+                    lease.commit(&(n + 1).to_le_bytes(), later()).unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let total: u64 = (0..4u8)
+        .map(|k| u64::from_le_bytes(store.get(&[k]).unwrap().value.try_into().unwrap()))
+        .sum();
+    assert_eq!(total, (threads * rounds) as u64);
+    assert!(store.verify().is_clean(), "{:?}", store.verify());
+}
+
+#[test]
+fn a_lease_held_past_the_timeout_is_taken_over_and_its_commit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let store = Store::open_with(&path, small()).unwrap();
+    let impatient =
+        Store::open_with(&path, small().lease_timeout(Duration::from_millis(100))).unwrap();
+    let mut stale = store.lease_blocking(b"k", soon()).unwrap();
+    stale.commit(b"before", later()).unwrap();
+    let mut fresh = impatient.lease_blocking(b"k", soon()).unwrap();
+    assert!(!stale.is_held());
+    assert!(matches!(
+        stale.commit(b"late", later()),
+        Err(StoreError::LeaseLost)
+    ));
+    assert!(matches!(stale.remove(), Err(StoreError::LeaseLost)));
+    drop(stale); // releasing a lost lease must not free the new holder's lease
+    assert!(store.try_lease(b"k").unwrap().is_none());
+    assert_eq!(fresh.read().unwrap().value, b"before");
+    fresh.commit(b"after", later()).unwrap();
+    drop(fresh);
+    assert_eq!(store.get(b"k").unwrap().value, b"after");
+    assert_eq!(store.stats().takeovers, 1);
+    assert!(store.verify().is_clean(), "{:?}", store.verify());
+}
+
+#[test]
+fn the_file_grows_on_demand_and_starts_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let store = Store::open_with(&path, Options::new().max_sessions(1000)).unwrap();
+    let start = store.stats().bytes_reserved;
+    assert!(start < 4 << 20, "a new store reserves {start} bytes");
+    for i in 0..200u32 {
+        let mut lease = store.lease_blocking(&i.to_le_bytes(), soon()).unwrap();
+        lease.commit(&vec![1u8; 16 << 10], later()).unwrap();
+    }
+    let grown = store.stats().bytes_reserved;
+    assert!(grown > start + (3 << 20), "{grown}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), grown);
+    for i in 0..200u32 {
+        assert_eq!(store.get(&i.to_le_bytes()).unwrap().value.len(), 16 << 10);
+    }
+}
+
+#[test]
+fn a_full_store_evicts_the_least_recently_used_idle_record_then_reports_full() {
+    let dir = tempfile::tempdir().unwrap();
+    // One data chunk: 1 MiB of 64 KiB-class blocks holds only a few records.
+    let opts = Options::new().max_sessions(64);
+    let probe = Store::open_with(dir.path().join("probe"), opts.clone()).unwrap();
+    let data_start = probe.stats().bytes_reserved;
+    drop(probe);
+    let store = Store::open_with(
+        dir.path().join("s"),
+        opts.max_file_size(data_start + (1 << 20)),
+    )
+    .unwrap();
+    let value = vec![5u8; 60 << 10];
+    let mut held = Vec::new();
+    let mut i = 0u32;
+    // Fill: every record stays leased, so nothing can be evicted.
+    loop {
+        let mut lease = store.lease_blocking(&i.to_le_bytes(), soon()).unwrap();
+        match lease.commit(&value, later()) {
+            Ok(()) => held.push(lease),
+            Err(StoreError::StoreFull) => break,
+            Err(e) => panic!("{e}"),
+        }
+        i += 1;
+    }
+    assert!(held.len() >= 10, "{}", held.len());
+    // Release them all; touch record 0 again so it is not the least recently used.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(5));
+    drop(store.lease_blocking(&0u32.to_le_bytes(), soon()).unwrap());
+    let mut lease = store.lease_blocking(b"new", soon()).unwrap();
+    lease.commit(&value, later()).unwrap();
+    drop(lease);
+    assert_eq!(store.stats().evictions, 1);
+    assert!(
+        store.get(&0u32.to_le_bytes()).is_some(),
+        "the recently used record stays"
+    );
+    assert!(store.get(b"new").is_some());
+    assert!(store.verify().is_clean(), "{:?}", store.verify());
+}
+
+#[test]
+fn the_file_is_created_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let _store = Store::open_with(&path, small()).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn a_symlink_at_the_path_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    let _store = Store::open_with(&target, small()).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert!(matches!(
+        Store::open_with(&link, small()),
+        Err(OpenError::Symlink(_))
+    ));
+    let dangling = dir.path().join("dangling");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    assert!(matches!(
+        Store::open_with(&dangling, small()),
+        Err(OpenError::Symlink(_))
+    ));
+    assert!(
+        !dir.path().join("nowhere").exists(),
+        "nothing was created through the link"
+    );
+}
+
+#[test]
+fn files_of_another_kind_give_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other");
+    std::fs::write(&other, vec![b'x'; 8192]).unwrap();
+    assert!(matches!(Store::open(&other), Err(OpenError::NotAStore(_))));
+
+    let path = dir.path().join("s");
+    drop(Store::open_with(&path, small()).unwrap());
+    let good = std::fs::read(&path).unwrap();
+
+    let mut newer = good.clone();
+    newer[8] = 99; // format version
+    std::fs::write(&path, &newer).unwrap();
+    assert!(matches!(
+        Store::open(&path),
+        Err(OpenError::UpgradeRequired { found: 99, .. })
+    ));
+
+    let mut flipped = good.clone();
+    flipped[40] ^= 0x10; // inside the checksummed header
+    std::fs::write(&path, &flipped).unwrap();
+    assert!(matches!(
+        Store::open(&path),
+        Err(OpenError::Corrupted { .. })
+    ));
+
+    std::fs::write(&path, &good[..100]).unwrap();
+    assert!(matches!(
+        Store::open(&path),
+        Err(OpenError::Corrupted { .. })
+    ));
+
+    std::fs::write(&path, &good[..good.len() / 2]).unwrap();
+    let err = Store::open(&path).unwrap_err();
+    assert!(matches!(err, OpenError::Corrupted { .. }), "{err}");
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+#[test]
+fn many_threads_opening_one_new_path_end_with_one_valid_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = Arc::new(dir.path().join("s"));
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8u8)
+        .map(|i| {
+            let path = path.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let store = Store::open_with(&*path, small()).unwrap();
+                let mut lease = store.lease_blocking(&[i], soon()).unwrap();
+                lease.commit(&[i], later()).unwrap();
+                store
+            })
+        })
+        .collect();
+    let stores: Vec<Store> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for i in 0..8u8 {
+        assert_eq!(stores[0].get(&[i]).unwrap().value, [i]);
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "temporary files were left behind");
+}
+
+#[test]
+fn the_file_never_holds_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let store = Store::open_with(&path, small()).unwrap();
+    let key = b"a-very-recognisable-session-identifier";
+    let mut lease = store.lease_blocking(key, soon()).unwrap();
+    lease.commit(b"v", later()).unwrap();
+    drop(lease);
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(!bytes.windows(key.len()).any(|w| w == key));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_leases_wait_without_blocking_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), small()).unwrap();
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut lease = store
+                    .lease(b"hot", Instant::now() + Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                let n = lease
+                    .read()
+                    .map_or(0, |r| u64::from_le_bytes(r.value.try_into().unwrap()));
+                // Yield while holding the lease so that others really wait.
+                tokio::task::yield_now().await;
+                lease.commit(&(n + 1).to_le_bytes(), later()).unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n = u64::from_le_bytes(store.get(b"hot").unwrap().value.try_into().unwrap());
+    assert_eq!(n, 64);
+}

@@ -1,0 +1,228 @@
+//! The layer's view of storage: a small trait, implemented here for the memory-mapped store.
+//!
+//! The layer needs five things from storage: take a session's busy lease (waiting up to a deadline),
+//! read the record under it, overwrite or remove the record under it, give the lease back, and read
+//! the last committed record without any lease (the read-only path). [`SessionBackend`] and
+//! [`BackendLease`] say exactly that, so another backend (say, Redis for sessions spread over several
+//! machines) can be added without touching the layer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Instant, SystemTime};
+
+use mmap_session_store::{Lease, Store, StoreError};
+
+/// A stored session record: the encoded session and its absolute expiry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// The bytes the layer committed.
+    pub value: Vec<u8>,
+    /// When the record stops existing.
+    pub expires_at: SystemTime,
+}
+
+/// Why a backend operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The lease was still held by someone else when the wait deadline passed.
+    #[error("timed out waiting for the session's lease")]
+    LeaseTimeout,
+    /// The lease was taken over (it was held too long); nothing was written.
+    #[error("the session's lease was lost before the write; nothing was written")]
+    LeaseLost,
+    /// The store has no room and nothing could be evicted.
+    #[error("the session store is full")]
+    StoreFull,
+    /// The record is larger than the backend accepts.
+    #[error("the session record has {len} bytes; the store accepts at most {max}")]
+    TooLarge {
+        /// Size of the record in bytes.
+        len: usize,
+        /// The backend's limit.
+        max: usize,
+    },
+    /// An I/O error in the backend.
+    #[error("session store I/O error")]
+    Io(#[source] std::io::Error),
+    /// Any other backend failure.
+    #[error("session backend error")]
+    Other(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<StoreError> for BackendError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::LeaseTimeout => BackendError::LeaseTimeout,
+            StoreError::LeaseLost => BackendError::LeaseLost,
+            StoreError::StoreFull => BackendError::StoreFull,
+            StoreError::TooLarge { len, max } => BackendError::TooLarge { len, max },
+            StoreError::Io(error) => BackendError::Io(error),
+            other => BackendError::Other(Box::new(other)),
+        }
+    }
+}
+
+/// Storage for sessions, keyed by opaque bytes (the layer uses [`SessionId::as_bytes`]).
+///
+/// [`SessionId::as_bytes`]: crate::SessionId::as_bytes
+///
+/// # Contract
+///
+/// - At most one [`BackendLease`] per key exists at a time, across every process that shares the
+///   storage; [`SessionBackend::lease`] waits (asynchronously, without blocking the runtime) until it
+///   can take it or `deadline` passes, and then fails with [`BackendError::LeaseTimeout`].
+/// - A key may be leased whether or not a record exists for it.
+/// - Expired records are never returned.
+/// - [`SessionBackend::get_unleased`] neither waits for nor takes the lease and returns the last
+///   committed record.
+pub trait SessionBackend: Send + Sync + 'static {
+    /// The busy lease on one key.
+    type Lease: BackendLease;
+
+    /// Takes the busy lease on `key`, waiting until `deadline` at most.
+    fn lease(
+        &self,
+        key: &[u8],
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Self::Lease, BackendError>> + Send;
+
+    /// Reads the last committed record of `key` without the lease.
+    fn get_unleased(
+        &self,
+        key: &[u8],
+    ) -> impl Future<Output = Result<Option<StoredRecord>, BackendError>> + Send;
+}
+
+/// A held busy lease on one key.
+///
+/// # Contract
+///
+/// Dropping the lease releases it without changing the record, like [`BackendLease::release`]: the
+/// layer relies on this when a handler panics or a response future is dropped. Writes are fenced: once
+/// the lease has been taken over by someone else, [`BackendLease::commit`] and
+/// [`BackendLease::remove`] fail with [`BackendError::LeaseLost`] and write nothing.
+pub trait BackendLease: Send + 'static {
+    /// The record under the lease, copied out; `None` if absent or expired.
+    fn load(&mut self) -> impl Future<Output = Result<Option<StoredRecord>, BackendError>> + Send;
+
+    /// Replaces the record (crash-atomically: old or new, never between).
+    fn commit(
+        &mut self,
+        value: &[u8],
+        expires_at: SystemTime,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Deletes the record.
+    fn remove(&mut self) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Gives the lease back; the next waiter gets it at once.
+    fn release(self) -> impl Future<Output = ()> + Send;
+}
+
+impl SessionBackend for Store {
+    type Lease = Lease;
+
+    async fn lease(&self, key: &[u8], deadline: Instant) -> Result<Lease, BackendError> {
+        Ok(Store::lease(self, key, deadline).await?)
+    }
+
+    async fn get_unleased(&self, key: &[u8]) -> Result<Option<StoredRecord>, BackendError> {
+        Ok(Store::get(self, key).map(|record| StoredRecord {
+            value: record.value,
+            expires_at: record.expires_at,
+        }))
+    }
+}
+
+impl BackendLease for Lease {
+    async fn load(&mut self) -> Result<Option<StoredRecord>, BackendError> {
+        Ok(self.read().map(|record| StoredRecord {
+            value: record.value,
+            expires_at: record.expires_at,
+        }))
+    }
+
+    async fn commit(&mut self, value: &[u8], expires_at: SystemTime) -> Result<(), BackendError> {
+        Ok(Lease::commit(self, value, expires_at)?)
+    }
+
+    async fn remove(&mut self) -> Result<(), BackendError> {
+        Ok(Lease::remove(self)?)
+    }
+
+    async fn release(self) {
+        Lease::release(self);
+    }
+}
+
+/// A boxed, sendable future.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// [`SessionBackend`] with its types erased, so that `Session` and the layer are not generic.
+pub(crate) trait DynBackend: Send + Sync + 'static {
+    fn lease_dyn<'a>(
+        &'a self,
+        key: &'a [u8],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Box<dyn DynLease>, BackendError>>;
+
+    fn get_unleased_dyn<'a>(
+        &'a self,
+        key: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<StoredRecord>, BackendError>>;
+}
+
+impl<B: SessionBackend> DynBackend for B {
+    fn lease_dyn<'a>(
+        &'a self,
+        key: &'a [u8],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Box<dyn DynLease>, BackendError>> {
+        Box::pin(async move {
+            let lease = SessionBackend::lease(self, key, deadline).await?;
+            Ok(Box::new(lease) as Box<dyn DynLease>)
+        })
+    }
+
+    fn get_unleased_dyn<'a>(
+        &'a self,
+        key: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<StoredRecord>, BackendError>> {
+        Box::pin(SessionBackend::get_unleased(self, key))
+    }
+}
+
+/// [`BackendLease`] with its type erased.
+pub(crate) trait DynLease: Send + 'static {
+    fn load_dyn(&mut self) -> BoxFuture<'_, Result<Option<StoredRecord>, BackendError>>;
+    fn commit_dyn<'a>(
+        &'a mut self,
+        value: &'a [u8],
+        expires_at: SystemTime,
+    ) -> BoxFuture<'a, Result<(), BackendError>>;
+    fn remove_dyn(&mut self) -> BoxFuture<'_, Result<(), BackendError>>;
+    fn release_dyn(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+impl<L: BackendLease> DynLease for L {
+    fn load_dyn(&mut self) -> BoxFuture<'_, Result<Option<StoredRecord>, BackendError>> {
+        Box::pin(BackendLease::load(self))
+    }
+
+    fn commit_dyn<'a>(
+        &'a mut self,
+        value: &'a [u8],
+        expires_at: SystemTime,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(BackendLease::commit(self, value, expires_at))
+    }
+
+    fn remove_dyn(&mut self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(BackendLease::remove(self))
+    }
+
+    fn release_dyn(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(BackendLease::release(*self))
+    }
+}

@@ -1,0 +1,175 @@
+//! Reading the session id out of `Cookie` headers and writing `Set-Cookie`.
+
+use std::time::SystemTime;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use http::header::COOKIE;
+use http::{HeaderMap, HeaderValue};
+
+use crate::config::{Config, Expiry};
+use crate::id::{SessionId, ENCODED_LEN};
+
+/// Characters of a base64url HMAC-SHA256 tag.
+const TAG_LEN: usize = 43;
+/// Longest cookie value the layer looks at; anything longer is not ours.
+const MAX_VALUE_LEN: usize = ENCODED_LEN + 1 + TAG_LEN;
+
+/// The first session id in the request's cookies that is well formed and, when signing is on,
+/// carries a valid signature. Anything else is "no session".
+pub(crate) fn session_id_from(headers: &HeaderMap, config: &Config) -> Option<SessionId> {
+    for header in headers.get_all(COOKIE) {
+        let Ok(text) = header.to_str() else {
+            continue;
+        };
+        for cookie in cookie::Cookie::split_parse(text).flatten() {
+            if cookie.name() != config.cookie_name {
+                continue;
+            }
+            if let Some(id) = verify_value(cookie.value(), config) {
+                return Some(id);
+            }
+            tracing::debug!("ignored a session cookie that is malformed or not signed by us");
+        }
+    }
+    None
+}
+
+fn verify_value(value: &str, config: &Config) -> Option<SessionId> {
+    if value.len() > MAX_VALUE_LEN {
+        return None;
+    }
+    match &config.keys {
+        None => SessionId::decode(value),
+        Some(keys) => {
+            let (id_text, tag_text) = value.split_once('.')?;
+            if tag_text.len() != TAG_LEN {
+                return None;
+            }
+            let id = SessionId::decode(id_text)?;
+            let mut tag = [0u8; 33];
+            let len = URL_SAFE_NO_PAD.decode_slice(tag_text, &mut tag).ok()?;
+            let tag = tag.get(..len)?;
+            let message = signed_message(&config.cookie_name, id_text);
+            keys.verify(&message, tag).then_some(id)
+        }
+    }
+}
+
+/// What the signature covers: the cookie's name and the id, so a tag cannot be moved to another
+/// cookie.
+fn signed_message<'a>(name: &'a str, id_text: &'a str) -> [&'a [u8]; 3] {
+    [name.as_bytes(), b"=", id_text.as_bytes()]
+}
+
+/// The text that goes into the cookie for `id`: the id, plus `.tag` when signing is on.
+fn cookie_value(id: &SessionId, config: &Config) -> String {
+    let id_text = id.encode();
+    match &config.keys {
+        None => id_text,
+        Some(keys) => match keys.sign(&signed_message(&config.cookie_name, &id_text)) {
+            Some(tag) => format!("{id_text}.{}", URL_SAFE_NO_PAD.encode(tag)),
+            None => id_text,
+        },
+    }
+}
+
+/// The configuration cannot be written as a `Set-Cookie` header (a name, path or domain with
+/// characters a header may not hold).
+#[derive(Debug, thiserror::Error)]
+#[error("the session cookie's configured name, path or domain is not valid in a header")]
+pub(crate) struct InvalidCookieConfig;
+
+fn base(config: &Config, value: String) -> cookie::Cookie<'static> {
+    let mut cookie = cookie::Cookie::new(config.cookie_name.clone(), value);
+    cookie.set_path(config.path.clone());
+    if let Some(domain) = &config.domain {
+        cookie.set_domain(domain.clone());
+    }
+    cookie.set_secure(config.secure);
+    cookie.set_http_only(config.http_only);
+    cookie.set_same_site(config.same_site.to_cookie());
+    cookie
+}
+
+/// `Set-Cookie` carrying `id`, with a lifetime matching `expiry`.
+pub(crate) fn session_cookie(
+    id: &SessionId,
+    expiry: Expiry,
+    now: SystemTime,
+    config: &Config,
+) -> Result<HeaderValue, InvalidCookieConfig> {
+    let mut cookie = base(config, cookie_value(id, config));
+    let max_age = match expiry {
+        Expiry::OnSessionEnd => None,
+        Expiry::OnInactivity(ttl) => Some(ttl),
+        Expiry::AtDateTime(at) => Some(at.duration_since(now).unwrap_or_default()),
+    };
+    if let Some(max_age) = max_age {
+        let secs = i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX);
+        cookie.set_max_age(cookie::time::Duration::seconds(secs));
+    }
+    HeaderValue::try_from(cookie.to_string()).map_err(|_| InvalidCookieConfig)
+}
+
+/// `Set-Cookie` that makes the browser drop the session cookie.
+pub(crate) fn removal_cookie(config: &Config) -> Result<HeaderValue, InvalidCookieConfig> {
+    let mut cookie = base(config, String::new());
+    cookie.make_removal();
+    HeaderValue::try_from(cookie.to_string()).map_err(|_| InvalidCookieConfig)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::config::SigningKeys;
+
+    fn headers(cookie: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(COOKIE, HeaderValue::from_str(cookie).unwrap());
+        headers
+    }
+
+    #[test]
+    fn the_id_is_found_among_other_cookies() {
+        let config = Config::default();
+        let id = SessionId::generate().unwrap();
+        let h = headers(&format!("a=1; session={}; b=2", id.encode()));
+        assert_eq!(session_id_from(&h, &config), Some(id));
+    }
+
+    #[test]
+    fn a_signed_value_verifies_and_a_tampered_one_does_not() {
+        let config = Config {
+            keys: Some(SigningKeys::new([[1u8; 32]]).unwrap()),
+            ..Config::default()
+        };
+        let id = SessionId::generate().unwrap();
+        let value = cookie_value(&id, &config);
+        assert_eq!(verify_value(&value, &config), Some(id));
+
+        let other = SessionId::generate().unwrap();
+        let (_, tag) = value.split_once('.').unwrap();
+        let moved = format!("{}.{tag}", other.encode());
+        assert_eq!(verify_value(&moved, &config), None);
+        assert_eq!(verify_value(&id.encode(), &config), None);
+    }
+
+    #[test]
+    fn a_signature_made_for_another_cookie_name_is_refused() {
+        let keys = SigningKeys::new([[1u8; 32]]).unwrap();
+        let a = Config {
+            keys: Some(keys.clone()),
+            cookie_name: "a".into(),
+            ..Config::default()
+        };
+        let b = Config {
+            keys: Some(keys),
+            cookie_name: "b".into(),
+            ..Config::default()
+        };
+        let id = SessionId::generate().unwrap();
+        assert_eq!(verify_value(&cookie_value(&id, &a), &b), None);
+    }
+}

@@ -1,0 +1,365 @@
+//! What happens when the handler's response is ready: commit, refresh, remove or just release.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::response::Response;
+use http::header::SET_COOKIE;
+use http::HeaderValue;
+
+use crate::backend::DynLease;
+use crate::config::{Config, Expiry};
+use crate::cookies::{self, InvalidCookieConfig};
+use crate::envelope;
+use crate::error::{plain_response, SessionError};
+use crate::id::SessionId;
+use crate::session::{
+    backend_failure, deadline_after, fresh_id, Found, Loaded, SessionInner, Shared, State,
+};
+
+/// Settles the session once the handler's response is ready, and returns the response to send:
+/// the handler's (with `Set-Cookie` when needed), or an error response if the session could not be
+/// loaded or saved.
+pub(crate) async fn finish(inner: Arc<SessionInner>, mut response: Response) -> Response {
+    let state = {
+        let mut state = inner.state.lock().await;
+        std::mem::replace(&mut *state, State::Finished)
+    };
+    let loaded = match state {
+        State::Unloaded | State::Finished => return response,
+        // The cause was logged when loading failed; whatever the handler answered, it could not have
+        // done what it meant to with the session.
+        State::Failed(error) => return plain_response(error.status()),
+        State::Loaded(loaded) => *loaded,
+    };
+    let config = &inner.shared.config;
+    if response.status().is_server_error() && !config.save_on_server_error {
+        tracing::debug!(
+            session = %loaded.id.short_hash(),
+            status = response.status().as_u16(),
+            "server error: the session is released unsaved"
+        );
+        if let Some(found) = loaded.found {
+            found.lease.release_dyn().await;
+        }
+        return response;
+    }
+    match save(&inner.shared, loaded).await {
+        Ok(Some(cookie)) => {
+            response.headers_mut().append(SET_COOKIE, cookie);
+            response
+        }
+        Ok(None) => response,
+        Err(error) => plain_response(error.status()),
+    }
+}
+
+fn invalid_config(error: InvalidCookieConfig) -> SessionError {
+    tracing::error!(%error, "the session cannot be saved");
+    SessionError::Store(Arc::new(crate::backend::BackendError::Other(Box::new(
+        error,
+    ))))
+}
+
+/// True if an unchanged session's sliding expiry should be pushed forward now: the last refresh
+/// (its expiry minus the inactivity period) is at least `interval` old. The interval is capped at
+/// half the inactivity period, so an active session never expires between two refreshes.
+fn refresh_due(
+    expiry: Expiry,
+    expires_at: SystemTime,
+    now: SystemTime,
+    interval: Duration,
+) -> bool {
+    let Some(ttl) = expiry.sliding_ttl() else {
+        return false;
+    };
+    let interval = interval.min(ttl / 2);
+    let Some(last_refresh) = expires_at.checked_sub(ttl) else {
+        return true;
+    };
+    match now.duration_since(last_refresh) {
+        Ok(elapsed) => elapsed >= interval,
+        // The stored expiry is further out than this policy allows (the policy was shortened).
+        Err(_) => true,
+    }
+}
+
+fn encode_checked(
+    loaded_id: SessionId,
+    data: &serde_json::Map<String, serde_json::Value>,
+    expiry: Option<Expiry>,
+    config: &Config,
+) -> Result<Vec<u8>, SessionError> {
+    let bytes = envelope::encode(data, expiry).map_err(|error| {
+        tracing::error!(session = %loaded_id.short_hash(), category = ?error.classify(), "the session does not encode");
+        SessionError::from_serde(error)
+    })?;
+    if bytes.len() > config.max_size {
+        tracing::warn!(
+            session = %loaded_id.short_hash(),
+            len = bytes.len(),
+            max = config.max_size,
+            "the session is too large to save; nothing was written"
+        );
+        return Err(SessionError::TooLarge {
+            len: bytes.len(),
+            max: config.max_size,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Writes what changed. Returns the `Set-Cookie` value to send, if any. On error nothing the handler
+/// asked for is half-done: every write is a single commit or remove, and a two-step id change is undone.
+async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, SessionError> {
+    let config = &shared.config;
+    // Fail on a cookie configuration that cannot be sent before writing anything.
+    cookies::removal_cookie(config).map_err(invalid_config)?;
+    let now = SystemTime::now();
+    let Loaded {
+        found,
+        mut id,
+        data,
+        expiry: own_expiry,
+        modified,
+        expiry_changed,
+    } = loaded;
+    let expiry = own_expiry.unwrap_or(config.expiry);
+    let expires_at = expiry.expires_at(now);
+    // A fixed expiry in the past ends the session now.
+    let ended = data.is_empty() || expires_at <= now;
+
+    match found {
+        Some(mut found) if found.id == id => {
+            let result = save_in_place(
+                shared,
+                &mut found,
+                &data,
+                own_expiry,
+                modified,
+                expiry_changed,
+                ended,
+                now,
+            )
+            .await;
+            found.lease.release_dyn().await;
+            result
+        }
+        Some(mut found) => {
+            // Cycled or flushed: the data moves to (or the handle continues as) `id`, and the old
+            // record goes. The new record is written first, so a failure never loses the session.
+            let result = async {
+                let mut created = None;
+                if !ended {
+                    let bytes = encode_checked(id, &data, own_expiry, config)?;
+                    created = Some(create(shared, &mut id, &bytes, expires_at).await?);
+                }
+                if let Err(error) = found.lease.remove_dyn().await {
+                    if let Some(mut new) = created.take() {
+                        if let Err(undo) = new.remove_dyn().await {
+                            tracing::error!(
+                                session = %id.short_hash(),
+                                error = %undo,
+                                "could not undo the new record of a failed id change; it will expire"
+                            );
+                        }
+                        new.release_dyn().await;
+                    }
+                    return Err(backend_failure(
+                        found.id.short_hash(),
+                        "removing the replaced session failed; it is kept",
+                        error,
+                    ));
+                }
+                tracing::debug!(
+                    old = %found.id.short_hash(),
+                    new = %id.short_hash(),
+                    saved = created.is_some(),
+                    "session id replaced"
+                );
+                match created {
+                    Some(new) => {
+                        new.release_dyn().await;
+                        cookies::session_cookie(&id, expiry, now, config)
+                            .map(Some)
+                            .map_err(invalid_config)
+                    }
+                    None => cookies::removal_cookie(config)
+                        .map(Some)
+                        .map_err(invalid_config),
+                }
+            }
+            .await;
+            found.lease.release_dyn().await;
+            result
+        }
+        None => {
+            if ended {
+                // Nothing to keep and nothing stored: no record, no cookie.
+                return Ok(None);
+            }
+            let bytes = encode_checked(id, &data, own_expiry, config)?;
+            let lease = create(shared, &mut id, &bytes, expires_at).await?;
+            lease.release_dyn().await;
+            tracing::debug!(session = %id.short_hash(), "new session saved");
+            cookies::session_cookie(&id, expiry, now, config)
+                .map(Some)
+                .map_err(invalid_config)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn save_in_place(
+    shared: &Shared,
+    found: &mut Found,
+    data: &serde_json::Map<String, serde_json::Value>,
+    own_expiry: Option<Expiry>,
+    modified: bool,
+    expiry_changed: bool,
+    ended: bool,
+    now: SystemTime,
+) -> Result<Option<HeaderValue>, SessionError> {
+    let config = &shared.config;
+    let hash = found.id.short_hash();
+    if ended {
+        found
+            .lease
+            .remove_dyn()
+            .await
+            .map_err(|error| backend_failure(hash, "removing the session failed", error))?;
+        tracing::debug!(session = %hash, "session removed");
+        return cookies::removal_cookie(config)
+            .map(Some)
+            .map_err(invalid_config);
+    }
+    let expiry = own_expiry.unwrap_or(config.expiry);
+    let refresh =
+        expiry_changed || refresh_due(expiry, found.expires_at, now, config.refresh_interval);
+    if !modified && !refresh {
+        return Ok(None);
+    }
+    let expires_at = if refresh {
+        expiry.expires_at(now)
+    } else {
+        found.expires_at
+    };
+    if modified {
+        let bytes = encode_checked(found.id, data, own_expiry, config)?;
+        found
+            .lease
+            .commit_dyn(&bytes, expires_at)
+            .await
+            .map_err(|error| backend_failure(hash, "saving the session failed", error))?;
+        tracing::debug!(session = %hash, len = bytes.len(), refresh, "session saved");
+    } else {
+        // Unchanged: write the same bytes back with the later expiry, without re-encoding.
+        found
+            .lease
+            .commit_dyn(&found.raw, expires_at)
+            .await
+            .map_err(|error| backend_failure(hash, "refreshing the session failed", error))?;
+        tracing::debug!(session = %hash, "session expiry refreshed");
+    }
+    let send_cookie = expiry_changed || (refresh && matches!(expiry, Expiry::OnInactivity(_)));
+    if send_cookie {
+        cookies::session_cookie(&found.id, expiry, now, config)
+            .map(Some)
+            .map_err(invalid_config)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Creates the record of a new id under its lease, and returns the lease (still held, so a two-step
+/// id change can undo it). A drawn id that is somehow taken is replaced by another.
+async fn create(
+    shared: &Shared,
+    id: &mut SessionId,
+    bytes: &[u8],
+    expires_at: SystemTime,
+) -> Result<Box<dyn DynLease>, SessionError> {
+    for _ in 0..3 {
+        let hash = id.short_hash();
+        let deadline = deadline_after(shared.config.lease_wait);
+        let mut lease = shared
+            .backend
+            .lease_dyn(id.as_bytes(), deadline)
+            .await
+            .map_err(|error| {
+                backend_failure(hash, "taking the new session's lease failed", error)
+            })?;
+        match lease.load_dyn().await {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                lease.release_dyn().await;
+                tracing::warn!(session = %hash, "a freshly drawn id is already in use; drawing another");
+                *id = fresh_id()?;
+                continue;
+            }
+            Err(error) => {
+                lease.release_dyn().await;
+                return Err(backend_failure(
+                    hash,
+                    "checking the new session's id failed",
+                    error,
+                ));
+            }
+        }
+        if let Err(error) = lease.commit_dyn(bytes, expires_at).await {
+            lease.release_dyn().await;
+            return Err(backend_failure(
+                hash,
+                "saving the new session failed",
+                error,
+            ));
+        }
+        return Ok(lease);
+    }
+    tracing::error!("three freshly drawn session ids were all in use: the random source is broken");
+    Err(SessionError::Random)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_sliding_expiry_is_refreshed_once_the_interval_has_passed() {
+        let now = SystemTime::now();
+        let expiry = Expiry::OnInactivity(60 * MIN);
+        let refreshed_just_now = now + 60 * MIN;
+        let refreshed_two_minutes_ago = now + 58 * MIN;
+        assert!(!refresh_due(expiry, refreshed_just_now, now, MIN));
+        assert!(refresh_due(expiry, refreshed_two_minutes_ago, now, MIN));
+    }
+
+    #[test]
+    fn the_refresh_interval_is_capped_at_half_the_inactivity_period() {
+        let now = SystemTime::now();
+        let expiry = Expiry::OnInactivity(10 * MIN);
+        // Refreshed six minutes ago: past half of ten minutes, though the interval says an hour.
+        assert!(refresh_due(expiry, now + 4 * MIN, now, 60 * MIN));
+        assert!(!refresh_due(expiry, now + 6 * MIN, now, 60 * MIN));
+    }
+
+    #[test]
+    fn a_fixed_expiry_is_never_refreshed_and_a_shortened_policy_refreshes_at_once() {
+        let now = SystemTime::now();
+        assert!(!refresh_due(
+            Expiry::AtDateTime(now + MIN),
+            now,
+            now,
+            Duration::ZERO
+        ));
+        // Stored under a 24 h policy, now read under a 1 h one.
+        assert!(refresh_due(
+            Expiry::OnInactivity(60 * MIN),
+            now + 24 * 60 * MIN,
+            now,
+            MIN
+        ));
+    }
+}

@@ -1,0 +1,279 @@
+//! Real processes sharing one store: exact counting, SIGKILL at random moments, growth.
+//!
+//! Children are this test binary re-executed with `MMAP_STORE_CHILD` set; they run
+//! `child_process_entry`, which does nothing in a normal test run.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use mmap_session_store::{Options, Store};
+
+const KEYS: u64 = 16;
+
+fn later() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(3600)
+}
+
+fn options() -> Options {
+    Options::new().max_sessions(4096).max_file_size(256 << 20)
+}
+
+/// A tiny deterministic generator (xorshift64*), so runs differ by seed only.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn key(k: u64) -> Vec<u8> {
+    format!("counter-{k}").into_bytes()
+}
+
+fn counter(store: &Store, k: u64) -> u64 {
+    store
+        .get(&key(k))
+        .map_or(0, |r| u64::from_le_bytes(r.value.try_into().unwrap()))
+}
+
+/// The child's work: `rounds` lease-read-increment-commit cycles on random keys, printing
+/// `@ack <key>` after each commit returns (so the parent knows it was acknowledged).
+#[test]
+fn child_process_entry() {
+    let Ok(path) = std::env::var("MMAP_STORE_CHILD") else {
+        return;
+    };
+    let rounds: u64 = std::env::var("ROUNDS").unwrap().parse().unwrap();
+    let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
+    let store = Store::open(&path).unwrap();
+    let mut rng = Rng(seed | 1);
+    for _ in 0..rounds {
+        let k = rng.next() % KEYS;
+        let mut lease = store
+            .lease_blocking(&key(k), Instant::now() + Duration::from_secs(60))
+            .unwrap();
+        let n = lease
+            .read()
+            .map_or(0, |r| u64::from_le_bytes(r.value.try_into().unwrap()));
+        lease.commit(&(n + 1).to_le_bytes(), later()).unwrap();
+        drop(lease);
+        println!("@ack {k}");
+    }
+    println!("DONE");
+}
+
+struct Worker {
+    child: Child,
+    reader: std::thread::JoinHandle<()>,
+}
+
+/// Starts a child; each acknowledged increment is sent on `acks` as the key number.
+fn spawn(path: &Path, rounds: u64, seed: u64, acks: mpsc::Sender<u64>) -> Worker {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("MMAP_STORE_CHILD", path)
+        .env("ROUNDS", rounds.to_string())
+        .env("SEED", seed.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // libtest may print its own text on the same line before ours.
+            if let Some((_, k)) = line.split_once("@ack ") {
+                let _ = acks.send(k.trim().parse().unwrap());
+            }
+        }
+    });
+    Worker { child, reader }
+}
+
+fn kill(worker: &mut Worker) {
+    // SAFETY-free: Child::kill sends SIGKILL.
+    let _ = worker.child.kill();
+}
+
+#[test]
+fn four_processes_incrementing_sixteen_keys_lose_no_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let store = Store::open_with(&path, options()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let rounds = 10_000;
+    let workers: Vec<Worker> = (0..4)
+        .map(|i| spawn(&path, rounds, 1000 + i, tx.clone()))
+        .collect();
+    drop(tx);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for mut w in workers {
+        loop {
+            if let Some(status) = w.child.try_wait().unwrap() {
+                assert!(status.success(), "child failed: {status}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "children did not finish in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        w.reader.join().unwrap();
+    }
+    let acked: u64 = rx.iter().count() as u64;
+    assert_eq!(acked, 4 * rounds);
+    let total: u64 = (0..KEYS).map(|k| counter(&store, k)).sum();
+    assert_eq!(
+        total,
+        4 * rounds,
+        "the counters must hold exactly every increment"
+    );
+    let report = store.verify();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.records, KEYS);
+}
+
+#[test]
+fn processes_killed_at_random_moments_lose_nothing_acknowledged_and_leave_no_stuck_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let store = Store::open_with(&path, options()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let mut rng = Rng(SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1);
+    let mut seed = 1;
+    let mut workers: Vec<Worker> = (0..4)
+        .map(|_| {
+            seed += 1;
+            spawn(&path, u64::MAX, seed, tx.clone())
+        })
+        .collect();
+    let mut kills = 0u64;
+    let run_for = Duration::from_secs(8);
+    let start = Instant::now();
+    while start.elapsed() < run_for {
+        // The chaos schedule: a random pause, then SIGKILL a random child and start a new one.
+        std::thread::sleep(Duration::from_millis(5 + rng.next() % 60));
+        let victim = (rng.next() % workers.len() as u64) as usize;
+        kill(&mut workers[victim]);
+        kills += 1;
+        seed += 1;
+        let replacement = spawn(&path, u64::MAX, seed, tx.clone());
+        let old = std::mem::replace(&mut workers[victim], replacement);
+        let mut old = old;
+        let _ = old.child.wait();
+        old.reader.join().unwrap();
+    }
+    for mut w in workers {
+        kill(&mut w);
+        kills += 1;
+        let _ = w.child.wait();
+        w.reader.join().unwrap();
+    }
+    drop(tx);
+    let mut acked = [0u64; KEYS as usize];
+    for k in rx.iter() {
+        acked[k as usize] += 1;
+    }
+    let total_acked: u64 = acked.iter().sum();
+    assert!(
+        total_acked > 1000,
+        "the children made too little progress: {total_acked}"
+    );
+
+    // No lease stays stuck: every key can be leased at once (dead holders are taken over).
+    for k in 0..KEYS {
+        let lease = store.lease_blocking(&key(k), Instant::now() + Duration::from_secs(2));
+        assert!(lease.is_ok(), "key {k} stayed leased by a dead process");
+    }
+    let mut applied_twice_or_lost = Vec::new();
+    let mut extra_total = 0;
+    for k in 0..KEYS {
+        let n = counter(&store, k);
+        if n < acked[k as usize] || n > acked[k as usize] + kills {
+            applied_twice_or_lost.push((k, n, acked[k as usize]));
+        }
+        extra_total += n - acked[k as usize].min(n);
+    }
+    assert!(
+        applied_twice_or_lost.is_empty(),
+        "(key, counter, acked): {applied_twice_or_lost:?}"
+    );
+    assert!(
+        extra_total <= kills,
+        "{extra_total} unacknowledged increments but only {kills} kills"
+    );
+    assert!(
+        store.stats().takeovers > 0,
+        "no kill ever hit a lease holder; the test proved little"
+    );
+    let report = store.verify();
+    assert!(report.is_clean(), "{report:?}");
+    eprintln!(
+        "kills: {kills}, acknowledged: {total_acked}, unacknowledged but applied: {extra_total}, \
+         takeovers: {}, leaked blocks: {}",
+        store.stats().takeovers,
+        report.leaked_blocks
+    );
+
+    // Alone again, the next open recovers the space leaked by the kills.
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    let report = store.verify();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.leaked_blocks, 0);
+    assert_eq!(report.records, KEYS);
+    for k in 0..KEYS {
+        assert!(counter(&store, k) >= acked[k as usize]);
+    }
+}
+
+#[test]
+fn processes_keep_working_while_another_grows_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let store = Store::open_with(&path, options()).unwrap();
+    let reserved_before = store.stats().bytes_reserved;
+    let (tx, rx) = mpsc::channel();
+    let rounds = 3000;
+    let workers: Vec<Worker> = (0..3)
+        .map(|i| spawn(&path, rounds, 77 + i, tx.clone()))
+        .collect();
+    drop(tx);
+    // Meanwhile: large records that force the file to grow many times.
+    let big = vec![0x5au8; 60 << 10];
+    for i in 0..600u32 {
+        let mut lease = store
+            .lease_blocking(&i.to_le_bytes(), Instant::now() + Duration::from_secs(10))
+            .unwrap();
+        lease.commit(&big, later()).unwrap();
+    }
+    for mut w in workers {
+        let status = w.child.wait().unwrap();
+        assert!(status.success(), "child failed: {status}");
+        w.reader.join().unwrap();
+    }
+    assert_eq!(rx.iter().count() as u64, 3 * rounds);
+    let total: u64 = (0..KEYS).map(|k| counter(&store, k)).sum();
+    assert_eq!(total, 3 * rounds);
+    assert!(store.stats().bytes_reserved > reserved_before + (30 << 20));
+    for i in 0..600u32 {
+        assert_eq!(store.get(&i.to_le_bytes()).unwrap().value, big);
+    }
+    assert!(store.verify().is_clean());
+}

@@ -38,13 +38,15 @@ pub(crate) const H_SWEEP_HAND: usize = 256;
 /// Live records and bytes counted by the last recovery; per-process deltas add to these.
 pub(crate) const H_LIVE_BASE: usize = 320;
 pub(crate) const H_BYTES_BASE: usize = 328;
+/// Set when a process is known to have died since the last recovery (its slot was found in use).
+pub(crate) const H_DIRTY: usize = 336;
 /// Free-list heads, one word per size class: `ref (low 32) | ABA tag (high 32)`.
 pub(crate) const H_FREE_HEADS: usize = 512;
 
 /// Process registration slots (see `sys` and `store`): one 64-byte record each.
 pub(crate) const MAX_SLOTS: usize = 511;
 pub(crate) const SLOTS_OFF: u64 = HEADER_LEN;
-pub(crate) const SLOT_LEN: u64 = 64;
+pub(crate) const SLOT_LEN: u64 = 128;
 // Fields of a slot record. Counters are cumulative; live/bytes are signed deltas.
 pub(crate) const S_PID: u64 = 0;
 pub(crate) const S_LIVE: u64 = 8;
@@ -54,6 +56,13 @@ pub(crate) const S_LEASE_WAITS: u64 = 32;
 pub(crate) const S_TAKEOVERS: u64 = 40;
 pub(crate) const S_CHECKSUM_FAILURES: u64 = 48;
 pub(crate) const S_EXPIRED: u64 = 56;
+/// 1 while a process owns the slot; cleared when it closes the store cleanly.
+pub(crate) const S_IN_USE: u64 = 64;
+/// The next lease sequence number this slot issues (only its owner writes it).
+pub(crate) const S_SEQ: u64 = 72;
+/// The first sequence number the current owner issued: tokens of this slot from before it belong
+/// to a dead predecessor.
+pub(crate) const S_START: u64 = 80;
 /// The chunk table (one byte per chunk: 0 = unclaimed, else size class + 1) follows the slots.
 pub(crate) const CHUNK_TABLE_OFF: u64 = SLOTS_OFF + (MAX_SLOTS as u64 + 1) * SLOT_LEN;
 

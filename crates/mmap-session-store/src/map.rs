@@ -158,6 +158,15 @@ impl Map {
         true
     }
 
+    /// Atomically adds to the `u64` at `off` and returns the previous value.
+    #[inline]
+    pub(crate) fn fetch_add_u64(&self, off: u64, delta: u64) -> Option<u64> {
+        let ptr = self.checked_ptr(off, 8, 8)?;
+        // SAFETY: as in `load_u64`.
+        let word = unsafe { AtomicU64::from_ptr(ptr.cast::<u64>()) };
+        Some(word.fetch_add(delta, Ordering::Relaxed))
+    }
+
     /// Atomically raises the `u64` at `off` to at least `value`.
     pub(crate) fn max_u64(&self, off: u64, value: u64) -> bool {
         let Some(ptr) = self.checked_ptr(off, 8, 8) else {

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,7 +32,8 @@ pub(crate) struct Shared {
     pub(crate) g: Geometry,
     /// This process's registration slot: its OFD lock on `LOCK_BASE + slot` is its liveness.
     pub(crate) slot: usize,
-    seq: AtomicU32,
+    /// Where this process's expiry sweep looks next (per process, so commits do not contend).
+    sweep_hand: AtomicU64,
     lease_timeout: Duration,
     /// Serialises growth within this process (the OFD grow lock serialises processes).
     grow: Mutex<()>,
@@ -187,25 +188,40 @@ impl Store {
                 map,
                 g,
                 slot,
-                seq: AtomicU32::new(1),
+                sweep_hand: AtomicU64::new(u64::from(std::process::id()).wrapping_mul(0x9E37_79B9)),
                 lease_timeout: options.lease_timeout,
                 grow: Mutex::new(()),
             }),
         };
         let s = &store.shared;
-        if alone {
-            s.recover();
-            // Downgrade: from now on others may join (and we keep proving we are alive).
-            sys::lock(&s.file, LOCK_RECOVERY, LockKind::Shared).map_err(io)?;
-        } else {
-            sys::lock(&s.file, LOCK_RECOVERY, LockKind::Shared).map_err(io)?;
-            s.release_stale_tokens_of_my_slot();
+        // A slot still marked in use was left by a process that died without closing the store.
+        if s.map.load_u64(s.slot_off(S_IN_USE), Ordering::Acquire) != Some(0) {
+            s.map.store_u64(H_DIRTY as u64, 1, Ordering::Release);
         }
+        if alone {
+            let died = (0..MAX_SLOTS as u64).any(|slot| {
+                s.map
+                    .load_u64(SLOTS_OFF + slot * SLOT_LEN + S_IN_USE, Ordering::Acquire)
+                    != Some(0)
+            });
+            if died || s.map.load_u64(H_DIRTY as u64, Ordering::Acquire) != Some(0) {
+                s.recover();
+            }
+        }
+        let next = s
+            .map
+            .load_u64(s.slot_off(S_SEQ), Ordering::Acquire)
+            .unwrap_or(0);
+        s.map
+            .store_u64(s.slot_off(S_START), next, Ordering::Release);
         s.map.store_u64(
             s.slot_off(S_PID),
             std::process::id() as u64,
             Ordering::Relaxed,
         );
+        s.map.store_u64(s.slot_off(S_IN_USE), 1, Ordering::Release);
+        // From now on others may join (and our shared lock on it keeps them from recovering).
+        sys::lock(&s.file, LOCK_RECOVERY, LockKind::Shared).map_err(io)?;
         tracing::debug!(path = %path.display(), slot, alone, "session store opened");
         Ok(store)
     }
@@ -255,10 +271,15 @@ impl Store {
         for _ in 0..4 {
             let pos = match s.lookup(&kh) {
                 Some(pos) => pos,
-                None => match s.insert(&kh, Instant::now())? {
-                    Inserted::Leased(pos, token) => return Ok(Some(self.lease_at(pos, token, kh))),
-                    Inserted::Exists(pos) => pos,
-                    Inserted::Retry => continue,
+                None => match s.insert(&kh, Instant::now()) {
+                    // Another inserter holds the shard's lock: that is "busy", not an error.
+                    Err(StoreError::LeaseTimeout) => return Ok(None),
+                    Err(e) => return Err(e),
+                    Ok(Inserted::Leased(pos, token)) => {
+                        return Ok(Some(self.lease_at(pos, token, kh)))
+                    }
+                    Ok(Inserted::Exists(pos)) => pos,
+                    Ok(Inserted::Retry) => continue,
                 },
             };
             let off = s.entry_off(pos) + E_STATE;
@@ -381,7 +402,8 @@ impl Shared {
     }
 
     fn new_token(&self) -> u32 {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed) & TOKEN_SEQ_MASK;
+        let seq =
+            self.map.fetch_add_u64(self.slot_off(S_SEQ), 1).unwrap_or(0) as u32 & TOKEN_SEQ_MASK;
         ((self.slot as u32 + 1) << TOKEN_SLOT_SHIFT) | seq
     }
 
@@ -522,19 +544,30 @@ impl Shared {
         }
     }
 
-    /// Whether the process that issued `token` is alive, as the kernel tells it.
-    fn holder_alive(&self, token: u32) -> Result<bool, StoreError> {
+    /// Whether the process that issued `token` is alive, as the kernel tells it: its slot's
+    /// registration lock is held, and the token was issued by the slot's current owner (tokens
+    /// from before the owner's first sequence number belong to a dead predecessor).
+    pub(crate) fn holder_alive(&self, token: u32) -> Result<bool, StoreError> {
         let slot = token_slot(token);
-        if slot == self.slot {
-            return Ok(true);
-        }
         if slot >= MAX_SLOTS {
             return Ok(false);
         }
-        Ok(sys::is_locked_by_other(
-            &self.file,
-            LOCK_BASE + slot as i64,
-        )?)
+        if slot != self.slot && !sys::is_locked_by_other(&self.file, LOCK_BASE + slot as i64)? {
+            return Ok(false);
+        }
+        let base = SLOTS_OFF + slot as u64 * SLOT_LEN;
+        let start = self
+            .map
+            .load_u64(base + S_START, Ordering::Acquire)
+            .unwrap_or(0);
+        let next = self
+            .map
+            .load_u64(base + S_SEQ, Ordering::Acquire)
+            .unwrap_or(0);
+        let issued = next.wrapping_sub(start);
+        let age = u64::from(token & TOKEN_SEQ_MASK).wrapping_sub(start) & u64::from(TOKEN_SEQ_MASK);
+        // After 2^22 tokens every number is "recent": fall back to the lease timeout.
+        Ok(issued > u64::from(TOKEN_SEQ_MASK) || age < issued)
     }
 
     /// Inserts an entry for `kh` under its shard's lock, leasing it; or finds it there.
@@ -1003,11 +1036,7 @@ impl Shared {
     /// Reclaims expired idle records among the next `n` entries of the sweep hand; called on
     /// each commit so expired space comes back without any full scan.
     pub(crate) fn sweep(&self, n: u64) {
-        let hand = self
-            .map
-            .load_u64(H_SWEEP_HAND as u64, Ordering::Relaxed)
-            .unwrap_or(0);
-        self.map.add_u64(H_SWEEP_HAND as u64, n);
+        let hand = self.sweep_hand.fetch_add(n, Ordering::Relaxed);
         let now = now_ms();
         for i in 0..n {
             let pos = (hand + i) & (self.g.index_entries - 1);
@@ -1026,22 +1055,6 @@ impl Shared {
                 .load_u64(block as u64 * REF_UNIT + R_EXPIRES, Ordering::Relaxed);
             if expires.is_some_and(|e| e <= now) {
                 self.remove_idle(pos, st, S_EXPIRED);
-            }
-        }
-    }
-
-    /// A slot's previous owner died; leases it held carry its slot number, which is ours now.
-    /// Free them before we issue tokens that could be mistaken for theirs.
-    fn release_stale_tokens_of_my_slot(&self) {
-        let words = (0..self.g.index_entries)
-            .map(|pos| self.entry_off(pos) + E_STATE)
-            .chain((0..self.g.shards()).map(|s| self.g.shard_locks_off() + s * 8));
-        for off in words {
-            let Some(s) = self.map.load_u64(off, Ordering::Acquire) else {
-                continue;
-            };
-            if holder(s) != 0 && token_slot(holder(s)) == self.slot {
-                self.release_word(off, holder(s));
             }
         }
     }
@@ -1183,8 +1196,11 @@ impl Shared {
             st.takeovers += load(base + S_TAKEOVERS);
             st.checksum_failures += load(base + S_CHECKSUM_FAILURES);
             st.expired_reclaimed += load(base + S_EXPIRED);
+            let in_use = load(base + S_IN_USE) != 0;
             if slot as usize == self.slot
-                || sys::is_locked_by_other(&self.file, LOCK_BASE + slot as i64).unwrap_or(false)
+                || (in_use
+                    && sys::is_locked_by_other(&self.file, LOCK_BASE + slot as i64)
+                        .unwrap_or(false))
             {
                 st.processes += 1;
             }
@@ -1192,6 +1208,14 @@ impl Shared {
         st.live_records = (live as i64).max(0) as u64;
         st.bytes_used = (bytes as i64).max(0) as u64;
         st
+    }
+}
+
+impl Drop for Shared {
+    /// A clean close: the slot is no longer in use, so the next solo open need not recover.
+    fn drop(&mut self) {
+        self.map
+            .store_u64(self.slot_off(S_IN_USE), 0, Ordering::Release);
     }
 }
 

@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 use crate::layout::*;
 use crate::open::{now_ms, Geometry};
 use crate::store::{parse_record_header, record_checksum, Store, TAG_EMPTY, TAG_VACATED};
-use crate::sys;
 
 /// What [`Store::verify`] found. `problems` lists every inconsistency; the counts describe the
 /// file. Leaked blocks (space lost by a process killed between allocating and publishing) and
@@ -104,12 +103,7 @@ impl Store {
             let token = holder(st);
             if token != 0 {
                 r.leased += 1;
-                let slot = token_slot(token);
-                let alive = slot == s.slot
-                    || (slot < MAX_SLOTS
-                        && sys::is_locked_by_other(&s.file, LOCK_BASE + slot as i64)
-                            .unwrap_or(true));
-                if !alive {
+                if !s.holder_alive(token).unwrap_or(true) {
                     r.dead_holder_leases += 1;
                 }
             }

@@ -50,6 +50,16 @@ fn child_process_entry() {
     let Ok(path) = std::env::var("MMAP_STORE_CHILD") else {
         return;
     };
+    if let Ok(key) = std::env::var("HOLD_KEY") {
+        // Take a lease, say so, and hold it until killed.
+        let store = Store::open(&path).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let _lease = store.lease_blocking(key.as_bytes(), deadline).unwrap();
+        println!("@held");
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        return;
+    }
     let rounds: u64 = std::env::var("ROUNDS").unwrap().parse().unwrap();
     let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
     let store = Store::open(&path).unwrap();
@@ -276,4 +286,47 @@ fn processes_keep_working_while_another_grows_the_file() {
         assert_eq!(store.get(&i.to_le_bytes()).unwrap().value, big);
     }
     assert!(store.verify().is_clean());
+}
+
+#[test]
+fn a_lease_left_by_a_dead_process_is_taken_over_even_when_its_slot_is_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let first = Store::open_with(&path, options()).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("MMAP_STORE_CHILD", &path)
+        .env("HOLD_KEY", "held-by-the-dead")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.contains("@held"))),
+        "the child never took the lease"
+    );
+    assert!(first.try_lease(b"held-by-the-dead").unwrap().is_none());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A new opener takes the dead child's registration slot; the child's token names that slot,
+    // yet it must be recognised as a dead predecessor's, not as the new owner's.
+    let second = Store::open_with(&path, options()).unwrap();
+    let start = Instant::now();
+    let lease = second.lease_blocking(b"held-by-the-dead", Instant::now() + Duration::from_secs(5));
+    assert!(lease.is_ok(), "the dead child's lease was never taken over");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "take-over took {:?}",
+        start.elapsed()
+    );
+    drop(lease);
+    assert_eq!(first.stats().takeovers, 1);
+    assert!(first.verify().is_clean());
 }

@@ -73,7 +73,7 @@ pub(crate) const E_STATE: u64 = 8;
 /// Entries per shard; inserts lock one shard, probing never leaves it.
 pub(crate) const SHARD_ENTRIES: u64 = 1024;
 /// How many entries a lookup or insert examines from the home position.
-pub(crate) const MAX_PROBE: u64 = 32;
+pub(crate) const MAX_PROBE: u64 = 64;
 
 /// Data lives in chunks; each chunk holds blocks of one size class.
 pub(crate) const CHUNK_LEN: u64 = 1 << 20;

@@ -419,3 +419,44 @@ async fn async_leases_wait_without_blocking_the_runtime() {
     let n = u64::from_le_bytes(store.get(b"hot").unwrap().value.try_into().unwrap());
     assert_eq!(n, 64);
 }
+
+#[test]
+fn the_default_store_holds_a_million_1_kib_sessions_without_evicting() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s")).unwrap();
+    let value = vec![0x42u8; 1024];
+    let n = 1_000_000u32;
+    for i in 0..n {
+        let mut lease = store.try_lease(&i.to_le_bytes()).unwrap().unwrap();
+        lease.commit(&value, later()).unwrap();
+    }
+    let stats = store.stats();
+    assert_eq!(stats.live_records, n as u64);
+    assert_eq!(stats.evictions, 0);
+    for i in (0..n).step_by(997) {
+        assert_eq!(store.get(&i.to_le_bytes()).unwrap().value, value);
+    }
+    eprintln!(
+        "1M sessions of 1 KiB: {} MiB reserved, {} bytes per session",
+        stats.bytes_reserved >> 20,
+        stats.bytes_reserved / n as u64
+    );
+}
+
+#[test]
+fn a_store_of_a_thousand_sessions_stays_small_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let store = Store::open(&path).unwrap();
+    for i in 0..1000u32 {
+        let mut lease = store.try_lease(&i.to_le_bytes()).unwrap().unwrap();
+        lease.commit(&[1u8; 1024], later()).unwrap();
+    }
+    let reserved = store.stats().bytes_reserved;
+    // The index for a million sessions (32 MiB) is reserved up front; data grows in 4 MiB steps.
+    assert!(
+        reserved <= 40 << 20,
+        "{reserved} bytes reserved for 1,000 sessions"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), reserved);
+}

@@ -966,9 +966,10 @@ impl Shared {
         if current >= len {
             return Ok(true);
         }
-        // Grow by a quarter of the file (between 4 and 64 MiB), so growth is rare but a small
-        // store stays small.
-        let step = (current / 4).clamp(4 * CHUNK_LEN, 64 * CHUNK_LEN);
+        // Grow by a quarter of the data area (between 4 and 64 MiB), so growth is rare but a
+        // small store stays small.
+        let data = current.saturating_sub(self.g.data_off);
+        let step = (data / 4).clamp(4 * CHUNK_LEN, 64 * CHUNK_LEN);
         let mut target = len.max(current + step).min(self.g.max_len);
         loop {
             match sys::reserve(&self.file, current, target - current) {

@@ -1,0 +1,361 @@
+//! End-to-end tests of the `counter` example: several real processes share one session file behind
+//! nginx (round robin), and clients count through them, while processes are killed and restarted.
+//!
+//! They need nginx (`apt-get install nginx`) and the example binaries, which plain `cargo test`
+//! builds first.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{bounded, cookie_pair, counter_request, is_removal, Chance, Cluster, Reply};
+use mmap_session::store::Store;
+use reqwest::{Method, StatusCode};
+
+const COPIES: usize = 3;
+
+/// Checks the session file with the store's own verifier (every process must be stopped).
+fn assert_store_is_clean(cluster: &Cluster) {
+    let store = Store::open(cluster.store_path()).expect("open the session file");
+    let report = store.verify();
+    assert!(
+        report.is_clean(),
+        "the session file has problems: {:?}",
+        report.problems
+    );
+}
+
+/// A GET / with `cookie`; panics unless it is a 200 with a count. Adopts a new cookie if one is set.
+async fn count_once(cluster: &Cluster, cookie: &mut Option<String>) -> (u64, u32) {
+    let reply = counter_request(
+        &cluster.client,
+        Method::GET,
+        &cluster.url("/"),
+        cookie.as_deref(),
+    )
+    .await
+    .expect("GET / through nginx");
+    assert_eq!(reply.status, StatusCode::OK, "GET / answered {reply:?}");
+    if let Some(set_cookie) = &reply.set_cookie {
+        assert!(!is_removal(set_cookie), "GET / removed the cookie");
+        *cookie = Some(cookie_pair(set_cookie));
+    }
+    assert!(cookie.is_some(), "the first GET / set no cookie");
+    reply.count.expect("a JSON count")
+}
+
+async fn peek(cluster: &Cluster, cookie: Option<&str>) -> Reply {
+    let reply = counter_request(&cluster.client, Method::GET, &cluster.url("/peek"), cookie)
+        .await
+        .expect("GET /peek through nginx");
+    assert_eq!(reply.status, StatusCode::OK, "GET /peek answered {reply:?}");
+    assert_eq!(reply.set_cookie, None, "GET /peek set a cookie");
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_counter_keeps_its_http_contract() {
+    bounded(Duration::from_secs(120), async {
+        let cluster = Cluster::start("counter", COPIES, &[]).await;
+
+        // No session: /peek reads 0 and creates nothing.
+        let reply = peek(&cluster, None).await;
+        assert_eq!(reply.count.map(|(count, _)| count), Some(0));
+
+        // The first GET / starts a session at 1, with the cookie attributes asked for.
+        let reply = counter_request(&cluster.client, Method::GET, &cluster.url("/"), None)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.count.map(|(count, _)| count), Some(1));
+        let set_cookie = reply.set_cookie.expect("a new session sets its cookie");
+        for attribute in ["HttpOnly", "SameSite=Lax", "Path=/"] {
+            assert!(
+                set_cookie.contains(attribute),
+                "{set_cookie} lacks {attribute}"
+            );
+        }
+        assert!(
+            !set_cookie.contains("Secure"),
+            "--insecure-cookies still sent Secure: {set_cookie}"
+        );
+        let cookie = cookie_pair(&set_cookie);
+
+        // /peek sees it without changing it, whichever process answers.
+        for _ in 0..COPIES {
+            let reply = peek(&cluster, Some(&cookie)).await;
+            assert_eq!(reply.count.map(|(count, _)| count), Some(1));
+        }
+
+        // Logout deletes the session and expires the cookie.
+        let reply = counter_request(
+            &cluster.client,
+            Method::POST,
+            &cluster.url("/logout"),
+            Some(&cookie),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        let removal = reply.set_cookie.expect("logout expires the cookie");
+        assert!(is_removal(&removal), "not a removal: {removal}");
+        let reply = peek(&cluster, Some(&cookie)).await;
+        assert_eq!(reply.count.map(|(count, _)| count), Some(0));
+
+        // The old cookie is not adopted: counting again starts a new session under a new id.
+        let reply = counter_request(
+            &cluster.client,
+            Method::GET,
+            &cluster.url("/"),
+            Some(&cookie),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.count.map(|(count, _)| count), Some(1));
+        let fresh = cookie_pair(&reply.set_cookie.expect("a new session sets its cookie"));
+        assert_ne!(fresh, cookie, "the logged-out id was reused");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_client_is_counted_without_gaps_by_all_three_processes() {
+    bounded(Duration::from_secs(180), async {
+        let cluster = Cluster::start("counter", COPIES, &[]).await;
+        let started = Instant::now();
+        let mut cookie = None;
+        let mut served_by = HashSet::new();
+        for expected in 1..=300 {
+            let (count, pid) = count_once(&cluster, &mut cookie).await;
+            assert_eq!(count, expected, "request {expected} was counted as {count}");
+            served_by.insert(pid);
+        }
+        let all: HashSet<u32> = cluster.pids().into_iter().collect();
+        assert_eq!(served_by, all, "not every process served the client");
+        eprintln!("300 sequential requests in {:?}", started.elapsed());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_clients_sharing_one_cookie_lose_no_increment() {
+    const CLIENTS: u64 = 16;
+    const EACH: u64 = 40;
+    bounded(Duration::from_secs(180), async {
+        let cluster = Cluster::start("counter", COPIES, &[]).await;
+        let mut cookie = None;
+        let (base, _) = count_once(&cluster, &mut cookie).await;
+        let cookie = cookie.unwrap();
+        let url = cluster.url("/");
+        let started = Instant::now();
+
+        let mut tasks = Vec::new();
+        for _ in 0..CLIENTS {
+            // A client of its own (own connections), the same cookie.
+            let client = common::http_client();
+            let url = url.clone();
+            let cookie = cookie.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..EACH {
+                    let reply = counter_request(&client, Method::GET, &url, Some(&cookie))
+                        .await
+                        .expect("GET / through nginx");
+                    assert_eq!(reply.status, StatusCode::OK, "GET / answered {reply:?}");
+                    seen.push(reply.count.expect("a JSON count"));
+                }
+                seen
+            }));
+        }
+        let mut counts = Vec::new();
+        let mut served_by = HashSet::new();
+        for task in tasks {
+            for (count, pid) in task.await.expect("a client task panicked") {
+                counts.push(count);
+                served_by.insert(pid);
+            }
+        }
+        let elapsed = started.elapsed();
+        counts.sort_unstable();
+        let expected: Vec<u64> = (base + 1..=base + CLIENTS * EACH).collect();
+        assert_eq!(counts, expected, "the counts seen are not exactly one each");
+        let reply = peek(&cluster, Some(&cookie)).await;
+        assert_eq!(
+            reply.count.map(|(count, _)| count),
+            Some(base + CLIENTS * EACH)
+        );
+        assert_eq!(served_by.len(), COPIES, "not every process served");
+        eprintln!(
+            "{} concurrent increments of one session in {elapsed:?}",
+            CLIENTS * EACH
+        );
+    })
+    .await;
+}
+
+/// What the load clients saw.
+#[derive(Default)]
+struct Seen {
+    /// `(count, pid)` of every 200.
+    ok: Vec<(u64, u32)>,
+    /// Everything else: status or transport error.
+    failed: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
+    const CLIENTS: usize = 8;
+    const ROUNDS: usize = 3;
+    bounded(Duration::from_secs(240), async {
+        let mut cluster = Cluster::start("counter", COPIES, &[]).await;
+        let mut chance = Chance::from_clock();
+        eprintln!("kill schedule seed: {}", chance.seed());
+        let mut cookie = None;
+        let (base, _) = count_once(&cluster, &mut cookie).await;
+        let cookie = cookie.unwrap();
+        let url = cluster.url("/");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let (progress, progress_rx) = tokio::sync::watch::channel(0u64);
+        let progress = Arc::new(progress);
+        let mut tasks = Vec::new();
+        for _ in 0..CLIENTS {
+            let client = common::http_client();
+            let (url, cookie, stop, progress) = (
+                url.clone(),
+                cookie.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&progress),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut seen = Seen::default();
+                while !stop.load(Ordering::Relaxed) {
+                    match counter_request(&client, Method::GET, &url, Some(&cookie)).await {
+                        Ok(reply) => match reply.count {
+                            Some(count) if reply.status == StatusCode::OK => {
+                                seen.ok.push(count);
+                                progress.send_modify(|n| *n += 1);
+                            }
+                            _ => seen.failed.push(format!("status {}", reply.status)),
+                        },
+                        Err(error) => seen.failed.push(format!("error {error}")),
+                    }
+                }
+                seen
+            }));
+        }
+
+        let mut restarted_pids = Vec::new();
+        let mut progress_rx = progress_rx;
+        for round in 0..ROUNDS {
+            let done = *progress_rx.borrow();
+            let kill_after = done + chance.between(30, 200);
+            progress_rx
+                .wait_for(|n| *n >= kill_after)
+                .await
+                .expect("the load clients stopped");
+            let victim = usize::try_from(chance.between(0, COPIES as u64)).unwrap();
+            eprintln!("round {round}: SIGKILL copy {victim} after {kill_after} answers");
+            cluster.kill(victim);
+            cluster.restart(victim).await;
+            restarted_pids.push(cluster.pids()[victim]);
+            // Let the restarted process take part in the load before the next kill.
+            let resume = *progress_rx.borrow() + 150;
+            progress_rx
+                .wait_for(|n| *n >= resume)
+                .await
+                .expect("the load clients stopped");
+        }
+        stop.store(true, Ordering::Relaxed);
+
+        let mut seen = Seen::default();
+        for task in tasks {
+            let part = task.await.expect("a load client panicked");
+            seen.ok.extend(part.ok);
+            seen.failed.extend(part.failed);
+        }
+        let counts: Vec<u64> = seen.ok.iter().map(|&(count, _)| count).collect();
+        let unique: BTreeSet<u64> = counts.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            counts.len(),
+            "two 200 answers carried the same count: an acknowledged increment was lost"
+        );
+        let max_seen = unique.last().copied().unwrap_or(base);
+        let reply = peek(&cluster, Some(&cookie)).await;
+        let (final_count, _) = reply.count.unwrap();
+        assert!(
+            final_count >= max_seen,
+            "the session says {final_count} but a client was told {max_seen}"
+        );
+        let attempts = u64::try_from(seen.ok.len() + seen.failed.len()).unwrap();
+        assert!(
+            final_count <= base + attempts,
+            "the session counted {final_count}, more than {attempts} requests could have"
+        );
+        let last_restarted = *restarted_pids.last().unwrap();
+        assert!(
+            seen.ok.iter().any(|&(_, pid)| pid == last_restarted),
+            "the restarted process never served"
+        );
+        // Each kill can fail at most the requests that were in flight in the killed process.
+        assert!(
+            seen.failed.len() <= CLIENTS * ROUNDS,
+            "{} requests failed: {:?}",
+            seen.failed.len(),
+            seen.failed
+        );
+        eprintln!(
+            "{} acknowledged increments, {} failed requests, final count {final_count} (base {base})",
+            seen.ok.len(),
+            seen.failed.len()
+        );
+
+        cluster.stop_all().await;
+        assert_store_is_clean(&cluster);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_survive_a_restart_of_every_process() {
+    bounded(Duration::from_secs(180), async {
+        let mut cluster = Cluster::start("counter", COPIES, &[]).await;
+        let mut clients = Vec::new();
+        for visits in [1u64, 2, 5, 9, 14] {
+            let mut cookie = None;
+            for _ in 0..visits {
+                count_once(&cluster, &mut cookie).await;
+            }
+            clients.push((cookie.unwrap(), visits));
+        }
+        let old_pids = cluster.pids();
+
+        cluster.stop_all().await;
+        assert_store_is_clean(&cluster);
+        cluster.restart_all().await;
+        cluster.nginx.wait_ready(&cluster.client).await;
+        let new_pids = cluster.pids();
+        assert!(
+            new_pids.iter().all(|pid| !old_pids.contains(pid)),
+            "the processes were not replaced: {old_pids:?} -> {new_pids:?}"
+        );
+
+        for (cookie, visits) in &clients {
+            let reply = peek(&cluster, Some(cookie)).await;
+            assert_eq!(reply.count.map(|(count, _)| count), Some(*visits));
+            let mut cookie = Some(cookie.clone());
+            let (count, pid) = count_once(&cluster, &mut cookie).await;
+            assert_eq!(count, visits + 1);
+            assert!(new_pids.contains(&pid));
+        }
+        let reply = peek(&cluster, None).await;
+        assert_eq!(reply.count.map(|(count, _)| count), Some(0));
+        assert_eq!(cluster.copies(), COPIES);
+    })
+    .await;
+}

@@ -1,0 +1,554 @@
+//! What the end-to-end tests share: finding the example binaries, free ports, child processes that
+//! are killed whatever happens, nginx in front of them, and an HTTP client that carries a cookie by
+//! hand (so that many clients can share one).
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::fs::{self, File};
+use std::future::Future;
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use reqwest::header::{COOKIE, SET_COOKIE};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// How long a process may take to answer `/health` after being started.
+pub(crate) const STARTUP: Duration = Duration::from_secs(30);
+/// Gap between two polls of a condition that has a deadline.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Runs a test body with a bound on its running time.
+pub(crate) async fn bounded<F: Future>(limit: Duration, body: F) -> F::Output {
+    match tokio::time::timeout(limit, body).await {
+        Ok(output) => output,
+        Err(_) => panic!("the test did not finish within {limit:?}"),
+    }
+}
+
+/// Path of an example binary that cargo built next to this test binary.
+///
+/// Test binaries live in `target/<profile>/deps/`, examples in `target/<profile>/examples/`; plain
+/// `cargo test` builds the examples before it runs the tests.
+pub(crate) fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in target/<profile>/deps");
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.is_file(),
+        "example binary {} is missing: run the tests with plain `cargo test` (which builds the \
+         examples), or `cargo build --examples` with the same profile first",
+        path.display()
+    );
+    path
+}
+
+/// A program that must be installed for the end-to-end tests (CI installs it).
+pub(crate) fn required_program(path_or_name: &str, debian_package: &str) -> PathBuf {
+    let found = if path_or_name.contains('/') {
+        Some(PathBuf::from(path_or_name)).filter(|path| path.is_file())
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .chain(["/usr/sbin".into(), "/sbin".into()])
+                .map(|dir| dir.join(path_or_name))
+                .find(|path| path.is_file())
+        })
+    };
+    found.unwrap_or_else(|| {
+        panic!(
+            "`{path_or_name}` is required by this end-to-end test and was not found: install it \
+             (Debian: `apt-get install {debian_package}`)"
+        )
+    })
+}
+
+/// A TCP port that was free a moment ago (the kernel picked it for a socket that is closed again).
+pub(crate) fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local address").port()
+}
+
+/// A child process that is killed when the guard is dropped, panics included. Its stdout and stderr
+/// go to a log file, whose end is printed when a test fails.
+pub(crate) struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    /// Kill the whole process group (the child was made the leader of a new one).
+    group: bool,
+}
+
+impl Proc {
+    /// Starts `command` with its output sent to `log`.
+    pub(crate) fn spawn(name: impl Into<String>, mut command: Command, log: PathBuf) -> Self {
+        Self::spawn_inner(name.into(), &mut command, log, false)
+    }
+
+    /// Starts `command` as the leader of a new process group, so that dropping the guard also kills
+    /// whatever it started (nginx's workers, chromedriver's browser).
+    pub(crate) fn spawn_group(name: impl Into<String>, mut command: Command, log: PathBuf) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        command.process_group(0);
+        Self::spawn_inner(name.into(), &mut command, log, true)
+    }
+
+    fn spawn_inner(name: String, command: &mut Command, log: PathBuf, group: bool) -> Self {
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("create the log file");
+        let err = out.try_clone().expect("clone the log file");
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
+        Self {
+            name,
+            child,
+            log,
+            group,
+        }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `Some(status)` if the process has exited.
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn signal(&self, signal: Signal) {
+        let Ok(pid) = i32::try_from(self.child.id()) else {
+            return;
+        };
+        let pid = Pid::from_raw(pid);
+        // An error means the process (group) is already gone, which is what we want anyway.
+        let _ = if self.group {
+            nix::sys::signal::killpg(pid, signal)
+        } else {
+            nix::sys::signal::kill(pid, signal)
+        };
+    }
+
+    /// SIGKILL, and reap it.
+    pub(crate) fn kill(&mut self) {
+        if self.exited().is_none() || self.group {
+            self.signal(Signal::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `limit` for the process to exit and returns how it exited.
+    pub(crate) async fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {limit:?} of SIGTERM\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The last lines of the process's log.
+    pub(crate) fn log_tail(&self) -> String {
+        tail(&self.log, 4000)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} (pid {}), end of {} -----\n{}",
+                self.name,
+                self.child.id(),
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+        self.kill();
+    }
+}
+
+/// The last `bytes` bytes of a file, as text.
+pub(crate) fn tail(path: &Path, bytes: u64) -> String {
+    let Ok(mut file) = File::open(path) else {
+        return format!("(no log at {})", path.display());
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(bytes)));
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    text
+}
+
+/// An HTTP client that follows no redirect, uses no proxy and gives up on a request after a while.
+pub(crate) fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("build the HTTP client")
+}
+
+/// Polls `url` until it answers `200 ok`, `process` exits (a failure) or `limit` passes.
+pub(crate) async fn wait_healthy(client: &reqwest::Client, url: &str, process: &mut Proc) {
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        if let Ok(response) = client.get(url).send().await {
+            if response.status() == StatusCode::OK {
+                assert!(
+                    response.headers().get(SET_COOKIE).is_none(),
+                    "/health set a cookie"
+                );
+                if response.text().await.ok().as_deref() == Some("ok") {
+                    return;
+                }
+            }
+        }
+        if let Some(status) = process.exited() {
+            panic!(
+                "{} exited ({status}) before answering {url}\n{}",
+                process.name(),
+                process.log_tail()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not answer {url} within {STARTUP:?}\n{}",
+            process.name(),
+            process.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The nginx configuration template shipped with the demo.
+const NGINX_TEMPLATE: &str = include_str!("../../examples/nginx/nginx.conf.template");
+
+/// nginx in front of some upstream ports (round robin), run as the current user with its own prefix
+/// directory, config, pid file and logs.
+pub(crate) struct Nginx {
+    pub(crate) port: u16,
+    process: Proc,
+}
+
+impl Nginx {
+    pub(crate) fn start(dir: &Path, upstream_ports: &[u16]) -> Self {
+        let nginx = required_program("nginx", "nginx");
+        let prefix = dir.join("nginx");
+        fs::create_dir_all(&prefix).expect("create the nginx prefix directory");
+        let port = free_port();
+        let config = render_nginx_config(NGINX_TEMPLATE, &prefix, port, upstream_ports);
+        let config_path = prefix.join("nginx.conf");
+        fs::write(&config_path, config).expect("write nginx.conf");
+        let mut command = Command::new(nginx);
+        command
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&config_path)
+            .arg("-e")
+            .arg(prefix.join("error.log"));
+        let process = Proc::spawn_group("nginx", command, prefix.join("error.log"));
+        Self { port, process }
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until nginx answers `/health` (through an upstream that is up).
+    pub(crate) async fn wait_ready(&mut self, client: &reqwest::Client) {
+        let url = format!("{}/health", self.url());
+        wait_healthy(client, &url, &mut self.process).await;
+    }
+}
+
+/// Fills in the `@...@` placeholders of the template.
+pub(crate) fn render_nginx_config(
+    template: &str,
+    prefix: &Path,
+    listen_port: u16,
+    upstream_ports: &[u16],
+) -> String {
+    // The `user` directive only matters when the master runs as root; then the workers stay root
+    // too, so that they can use the private (mode 0700) prefix directory.
+    let root = nix::unistd::geteuid().is_root();
+    let servers: String = upstream_ports
+        .iter()
+        .map(|port| format!("        server 127.0.0.1:{port} max_fails=1 fail_timeout=1s;\n"))
+        .collect();
+    template
+        .replace("@USER@", if root { "user root;" } else { "" })
+        .replace("@PREFIX@", &prefix.display().to_string())
+        .replace("@LISTEN@", &format!("127.0.0.1:{listen_port}"))
+        .replace("@SERVERS@", &servers)
+}
+
+/// The `name=value` part of a `Set-Cookie` for the session cookie, if the response sets it.
+pub(crate) fn session_set_cookie(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .find(|value| value.starts_with("session="))
+        .map(str::to_owned)
+}
+
+/// A parsed reply of the counter example.
+#[derive(Debug, Clone)]
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    /// `count` and `pid` of a 200 answer.
+    pub(crate) count: Option<(u64, u32)>,
+    /// The full `Set-Cookie` for the session, if any.
+    pub(crate) set_cookie: Option<String>,
+}
+
+/// Sends `method path` with `cookie` (a `name=value` pair) and parses the counter's JSON answer.
+pub(crate) async fn counter_request(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    cookie: Option<&str>,
+) -> Result<Reply, reqwest::Error> {
+    let mut request = client.request(method, url);
+    if let Some(cookie) = cookie {
+        request = request.header(COOKIE, cookie);
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    let set_cookie = session_set_cookie(&response);
+    let body = response.bytes().await?;
+    let count = if status == StatusCode::OK {
+        serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|json| {
+                let count = json.get("count")?.as_u64()?;
+                let pid = u32::try_from(json.get("pid")?.as_u64()?).ok()?;
+                Some((count, pid))
+            })
+    } else {
+        None
+    };
+    Ok(Reply {
+        status,
+        count,
+        set_cookie,
+    })
+}
+
+/// The `name=value` pair of a `Set-Cookie` header.
+pub(crate) fn cookie_pair(set_cookie: &str) -> String {
+    set_cookie
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// True if a `Set-Cookie` header tells the client to drop the cookie.
+pub(crate) fn is_removal(set_cookie: &str) -> bool {
+    let value_empty = cookie_pair(set_cookie).ends_with('=');
+    let lower = set_cookie.to_ascii_lowercase();
+    value_empty || lower.contains("max-age=0") || lower.contains("expires=thu, 01 jan 1970")
+}
+
+/// Cheap pseudo-random numbers for choosing when to kill (printed, so a failure can be repeated
+/// in spirit): xorshift seeded from the clock.
+pub(crate) struct Chance(u64);
+
+impl Chance {
+    pub(crate) fn from_clock() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(1);
+        Self((nanos as u64) | 1)
+    }
+
+    pub(crate) fn seed(&self) -> u64 {
+        self.0
+    }
+
+    /// A number in `low..high`.
+    pub(crate) fn between(&mut self, low: u64, high: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        low + self.0 % (high - low).max(1)
+    }
+}
+
+/// Several copies of one example server sharing one session file, behind nginx, in a temporary
+/// directory of their own. Dropping it kills every process it started.
+pub(crate) struct Cluster {
+    pub(crate) client: reqwest::Client,
+    pub(crate) nginx: Nginx,
+    servers: Vec<Option<Proc>>,
+    ports: Vec<u16>,
+    example: PathBuf,
+    store: PathBuf,
+    extra_args: Vec<String>,
+    starts: usize,
+    // Last: removed after every process above has been killed.
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `copies` copies of the example `name` (with `--insecure-cookies` and `extra_args`)
+    /// and nginx in front of them, and waits until all answer.
+    pub(crate) async fn start(name: &str, copies: usize, extra_args: &[&str]) -> Self {
+        let example = example(name);
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let ports: Vec<u16> = (0..copies).map(|_| free_port()).collect();
+        let nginx = Nginx::start(dir.path(), &ports);
+        let mut cluster = Self {
+            client: http_client(),
+            nginx,
+            servers: (0..copies).map(|_| None).collect(),
+            ports,
+            example,
+            store: dir.path().join("sessions"),
+            extra_args: extra_args.iter().map(|&arg| arg.to_owned()).collect(),
+            starts: 0,
+            dir,
+        };
+        for index in 0..copies {
+            cluster.spawn(index);
+        }
+        for index in 0..copies {
+            cluster.wait_healthy(index).await;
+        }
+        cluster.nginx.wait_ready(&cluster.client).await;
+        cluster
+    }
+
+    fn spawn(&mut self, index: usize) {
+        self.starts += 1;
+        let name = format!(
+            "{}-{index}-start{}",
+            self.example
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy(),
+            self.starts
+        );
+        let mut command = Command::new(&self.example);
+        command
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.ports[index]))
+            .arg("--store")
+            .arg(&self.store)
+            .arg("--insecure-cookies")
+            .args(&self.extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        let log = self.dir.path().join(format!("{name}.log"));
+        self.servers[index] = Some(Proc::spawn(name, command, log));
+    }
+
+    async fn wait_healthy(&mut self, index: usize) {
+        let url = format!("http://127.0.0.1:{}/health", self.ports[index]);
+        let process = self.servers[index]
+            .as_mut()
+            .expect("the server was started");
+        wait_healthy(&self.client, &url, process).await;
+    }
+
+    /// URL of `path` through nginx.
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.nginx.url())
+    }
+
+    /// Pids of the running copies.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.servers.iter().flatten().map(Proc::pid).collect()
+    }
+
+    pub(crate) fn copies(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Kills copy `index` with SIGKILL.
+    pub(crate) fn kill(&mut self, index: usize) {
+        if let Some(mut process) = self.servers[index].take() {
+            process.kill();
+        }
+    }
+
+    /// Starts copy `index` again (after [`Cluster::kill`] or [`Cluster::stop_all`]) and waits until
+    /// it answers.
+    pub(crate) async fn restart(&mut self, index: usize) {
+        assert!(self.servers[index].is_none(), "copy {index} is running");
+        self.spawn(index);
+        self.wait_healthy(index).await;
+    }
+
+    /// Stops every copy with SIGTERM and checks that each exits cleanly (graceful shutdown).
+    pub(crate) async fn stop_all(&mut self) {
+        for slot in &mut self.servers {
+            if let Some(mut process) = slot.take() {
+                let status = process.terminate(Duration::from_secs(20)).await;
+                assert!(
+                    status.success(),
+                    "{} exited with {status} after SIGTERM\n{}",
+                    process.name(),
+                    process.log_tail()
+                );
+            }
+        }
+    }
+
+    /// Restarts every stopped copy.
+    pub(crate) async fn restart_all(&mut self) {
+        for index in 0..self.servers.len() {
+            if self.servers[index].is_none() {
+                self.spawn(index);
+            }
+        }
+        for index in 0..self.servers.len() {
+            self.wait_healthy(index).await;
+        }
+    }
+
+    /// The shared session file.
+    pub(crate) fn store_path(&self) -> &Path {
+        &self.store
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}

@@ -83,6 +83,41 @@ async fn start_browser(cluster: &Cluster, driver_port: u16) -> Client {
         .expect("start a Chromium session through chromedriver")
 }
 
+/// Clicks `target` and waits until the page it leads to has fully replaced the current one: a
+/// mark set on the current window is gone (a navigation starts a fresh window object) and the new
+/// document has loaded. What is read next then comes from the new page.
+async fn click_and_wait(browser: &Client, target: Locator<'_>) {
+    browser
+        .execute("window.__previousPage = true;", vec![])
+        .await
+        .expect("mark the current page");
+    browser
+        .find(target)
+        .await
+        .unwrap_or_else(|error| panic!("nothing to click at {target:?}: {error}"))
+        .click()
+        .await
+        .expect("click");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let replaced = browser
+            .execute(
+                "return window.__previousPage === undefined && document.readyState === 'complete';",
+                vec![],
+            )
+            .await;
+        // An error here means the page was being swapped out while asked: look again.
+        if matches!(replaced, Ok(serde_json::Value::Bool(true))) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "clicking {target:?} did not lead to a new page"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Text of the element with id `id`.
 async fn text_of(browser: &Client, id: &str) -> String {
     browser
@@ -135,18 +170,7 @@ async fn sign_in(browser: &Client, name: &str) {
         .await
         .expect("the sign-in form");
     field.send_keys(name).await.expect("type the name");
-    browser
-        .find(Locator::Id("login"))
-        .await
-        .expect("the sign-in button")
-        .click()
-        .await
-        .expect("submit the sign-in form");
-    browser
-        .wait()
-        .for_element(Locator::Id("user"))
-        .await
-        .expect("the signed-in page");
+    click_and_wait(browser, Locator::Id("login")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -180,13 +204,7 @@ async fn a_browser_keeps_its_cart_while_processes_take_turns() {
 
         let mut expected = BTreeMap::new();
         for item in ["teapot", "mug", "teapot", "tea", "kettle", "teapot"] {
-            browser
-                .find(Locator::Id(&format!("add-{item}")))
-                .await
-                .unwrap_or_else(|error| panic!("no button for {item}: {error}"))
-                .click()
-                .await
-                .expect("add to cart");
+            click_and_wait(&browser, Locator::Id(&format!("add-{item}"))).await;
             *expected.entry(item.to_owned()).or_insert(0u32) += 1;
             let count: u32 = text_of(&browser, "cart-count").await.parse().unwrap();
             assert_eq!(count, expected.values().sum::<u32>(), "after adding {item}");
@@ -215,18 +233,15 @@ async fn a_browser_keeps_its_cart_while_processes_take_turns() {
         );
 
         // Sign out: the session is gone, on every process.
-        browser
-            .find(Locator::Id("logout"))
-            .await
-            .expect("the sign-out button")
-            .click()
-            .await
-            .expect("sign out");
-        browser
-            .wait()
-            .for_element(Locator::Id("username"))
-            .await
-            .expect("the sign-in form after signing out");
+        click_and_wait(&browser, Locator::Id("logout")).await;
+        assert!(
+            browser.find(Locator::Id("username")).await.is_ok(),
+            "no sign-in form after signing out"
+        );
+        assert!(
+            browser.get_named_cookie("session").await.is_err(),
+            "the session cookie outlived the sign-out"
+        );
         for _ in 0..3 {
             browser
                 .goto(&cluster.url("/cart"))

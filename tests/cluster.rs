@@ -209,7 +209,7 @@ struct Seen {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
     const CLIENTS: usize = 8;
-    const ROUNDS: usize = 3;
+    const ROUNDS: usize = 5;
     bounded(Duration::from_secs(240), async {
         let mut cluster = Cluster::start("counter", COPIES, &[]).await;
         let mut chance = Chance::from_clock();
@@ -297,11 +297,12 @@ async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
             final_count <= base + attempts,
             "the session counted {final_count}, more than {attempts} requests could have"
         );
-        let last_restarted = *restarted_pids.last().unwrap();
-        assert!(
-            seen.ok.iter().any(|&(_, pid)| pid == last_restarted),
-            "the restarted process never served"
-        );
+        for restarted in &restarted_pids {
+            assert!(
+                seen.ok.iter().any(|(_, pid)| pid == restarted),
+                "the restarted process {restarted} never served"
+            );
+        }
         // Each kill can fail at most the requests that were in flight in the killed process.
         assert!(
             seen.failed.len() <= CLIENTS * ROUNDS,

@@ -1,6 +1,7 @@
 //! What the example servers share: their command line, logging, the store, the listening socket and
 //! graceful shutdown. Included by each example with `#[path]`; not an example of its own.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -52,6 +53,7 @@ pub(crate) fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

@@ -41,13 +41,54 @@ pub(crate) fn example(name: &str) -> PathBuf {
         .and_then(Path::parent)
         .expect("the test binary lives in target/<profile>/deps");
     let path = profile_dir.join("examples").join(name);
-    assert!(
-        path.is_file(),
-        "example binary {} is missing: run the tests with plain `cargo test` (which builds the \
-         examples), or `cargo build --examples` with the same profile first",
-        path.display()
-    );
+    let advice = "run the tests with plain `cargo test` (which builds the examples first; a test \
+                  filter such as `--test cluster` skips that), or `cargo build --examples` with the \
+                  same profile first";
+    let built = fs::metadata(&path)
+        .and_then(|meta| meta.modified())
+        .unwrap_or_else(|_| panic!("example binary {} is missing: {advice}", path.display()));
+    // A stale binary would test yesterday's code: refuse it.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in [
+        "examples",
+        "crates/mmap-session/src",
+        "crates/mmap-session-store/src",
+    ] {
+        if let Some((source, changed)) = newest_file(&root.join(dir)) {
+            assert!(
+                changed <= built,
+                "example binary {} is older than {}: {advice}",
+                path.display(),
+                source.display()
+            );
+        }
+    }
     path
+}
+
+/// The most recently modified Rust source file under `dir`, recursively.
+fn newest_file(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
+    let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_file(&path)
+        } else if path.extension().is_some_and(|ext| ext == "rs") {
+            entry
+                .metadata()
+                .and_then(|meta| meta.modified())
+                .ok()
+                .map(|time| (path, time))
+        } else {
+            None
+        };
+        if let Some((path, time)) = candidate {
+            if newest.as_ref().is_none_or(|(_, best)| time > *best) {
+                newest = Some((path, time));
+            }
+        }
+    }
+    newest
 }
 
 /// A program that must be installed for the end-to-end tests (CI installs it).
@@ -84,6 +125,9 @@ pub(crate) struct Proc {
     log: PathBuf,
     /// Kill the whole process group (the child was made the leader of a new one).
     group: bool,
+    /// On drop, first ask the process to stop with SIGTERM and give it this long, so that it can
+    /// stop and reap its own children (nginx's workers).
+    grace: Option<Duration>,
 }
 
 impl Proc {
@@ -119,7 +163,14 @@ impl Proc {
             child,
             log,
             group,
+            grace: None,
         }
+    }
+
+    /// On drop, SIGTERM the process and wait up to `grace` before killing what is left.
+    pub(crate) fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = Some(grace);
+        self
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -148,9 +199,15 @@ impl Proc {
         };
     }
 
-    /// SIGKILL, and reap it.
+    /// SIGKILL, and reap it. A group leader takes its process group and every descendant with it
+    /// (a browser started by chromedriver may sit in a process group of its own).
     pub(crate) fn kill(&mut self) {
-        if self.exited().is_none() || self.group {
+        if self.group {
+            for pid in descendants(self.child.id()) {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            }
+            self.signal(Signal::SIGKILL);
+        } else if self.exited().is_none() {
             self.signal(Signal::SIGKILL);
         }
         let _ = self.child.wait();
@@ -191,8 +248,61 @@ impl Drop for Proc {
                 self.log_tail()
             );
         }
+        if let Some(grace) = self.grace {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            let deadline = Instant::now() + grace;
+            while self.exited().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         self.kill();
     }
+}
+
+/// Every live descendant of process `root`, from `/proc`.
+fn descendants(root: u32) -> Vec<Pid> {
+    let mut parents = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ...": comm may hold spaces and parentheses; the last ')' ends it.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|ppid| ppid.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut found = vec![root];
+    let mut index = 0;
+    while index < found.len() {
+        let parent = found[index];
+        found.extend(
+            parents
+                .iter()
+                .filter(|&&(_, ppid)| ppid == parent)
+                .map(|&(pid, _)| pid),
+        );
+        index += 1;
+    }
+    found
+        .into_iter()
+        .skip(1)
+        .filter_map(|pid| i32::try_from(pid).ok().map(Pid::from_raw))
+        .collect()
 }
 
 /// The last `bytes` bytes of a file, as text.
@@ -276,7 +386,8 @@ impl Nginx {
             .arg(&config_path)
             .arg("-e")
             .arg(prefix.join("error.log"));
-        let process = Proc::spawn_group("nginx", command, prefix.join("error.log"));
+        let process = Proc::spawn_group("nginx", command, prefix.join("error.log"))
+            .with_grace(Duration::from_secs(3));
         Self { port, process }
     }
 
@@ -303,7 +414,7 @@ pub(crate) fn render_nginx_config(
     let root = nix::unistd::geteuid().is_root();
     let servers: String = upstream_ports
         .iter()
-        .map(|port| format!("        server 127.0.0.1:{port} max_fails=1 fail_timeout=1s;\n"))
+        .map(|port| format!("        server 127.0.0.1:{port} max_fails=0;\n"))
         .collect();
     template
         .replace("@USER@", if root { "user root;" } else { "" })

@@ -10,7 +10,8 @@
 //! `add-<item>`, `logout`.
 //!
 //! Flags as for the counter example: `--listen`, `--store`, `--insecure-cookies` (cookies without
-//! `Secure`, for plain http), `--reuse-port` (several processes on one port).
+//! `Secure`, for plain http), `--reuse-port` (several processes on one port; each response then
+//! closes its connection, so that the kernel can hand the next page to another process).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -288,6 +289,16 @@ async fn health() -> &'static str {
     "ok"
 }
 
+/// With SO_REUSEPORT the kernel picks a process per connection, and a browser keeps its connection
+/// open from page to page: closing it after each response lets the next page land anywhere.
+async fn close_connection(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
+}
+
 fn app() -> Router {
     Router::new()
         .route("/", get(home))
@@ -306,7 +317,11 @@ async fn main() -> ExitCode {
     let result = async {
         let layer = common::session_layer(&cli.server)?;
         let listener = common::bind(&cli.server)?;
-        common::serve(listener, app().layer(layer)).await?;
+        let mut app = app().layer(layer);
+        if cli.server.reuse_port {
+            app = app.layer(axum::middleware::map_response(close_connection));
+        }
+        common::serve(listener, app).await?;
         Ok::<_, Box<dyn std::error::Error>>(())
     }
     .await;

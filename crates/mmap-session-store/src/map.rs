@@ -34,6 +34,8 @@ pub(crate) enum Wake {
 pub(crate) struct Map {
     raw: MmapRaw,
     len: u64,
+    /// The mapped file, to check a length read from the header against the real one.
+    file: File,
     /// This process's view of the file length; refreshed from the header when an access falls
     /// beyond it (another process may have grown the file).
     known_len: AtomicU64,
@@ -60,22 +62,30 @@ impl Map {
         let map_len = usize::try_from(len)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mapping too large"))?;
         let raw = MmapOptions::new().len(map_len).map_raw(file)?;
+        let file = file.try_clone()?;
         Ok(Map {
             raw,
             len,
+            file,
             known_len: AtomicU64::new(file_len),
         })
     }
 
     /// The file length as the header says now (at least as large as any length seen before).
+    /// A larger length is believed only as far as the file really is that long: the header is
+    /// shared memory that a bug or an attacker may have scribbled on, and touching a page beyond
+    /// the end of the file would kill the process with SIGBUS.
     pub(crate) fn file_len(&self) -> u64 {
         let from_header = self.header_file_len();
         let known = self.known_len.load(Ordering::Relaxed);
-        if from_header > known && from_header <= self.len {
-            self.known_len.fetch_max(from_header, Ordering::Relaxed);
-            return from_header;
+        if from_header <= known {
+            return known;
         }
-        known
+        // Growth reserves the space (the file grows) before it publishes the new length.
+        let real = self.file.metadata().map_or(known, |m| m.len());
+        let len = from_header.min(real).min(self.len);
+        self.known_len.fetch_max(len, Ordering::Relaxed);
+        len.max(known)
     }
 
     fn header_file_len(&self) -> u64 {

@@ -201,6 +201,12 @@ impl Geometry {
         };
         let version = u32_at(H_VERSION);
         let layout = u64_at(H_FINGERPRINT);
+        let intact = xxhash_rust::xxh3::xxh3_64(&h[..H_IMMUTABLE_END]) == u64_at(H_CHECKSUM);
+        // A damaged header of our own version is corruption; another version may checksum its
+        // header differently, so its mismatch says "another format", not "damaged".
+        if version == FORMAT_VERSION && !intact {
+            return Err(corrupted("header checksum mismatch".into()));
+        }
         if version != FORMAT_VERSION || layout != fingerprint() {
             return Err(OpenError::UpgradeRequired {
                 path: path.to_owned(),
@@ -209,9 +215,6 @@ impl Geometry {
                 found_layout: layout,
                 expected_layout: fingerprint(),
             });
-        }
-        if xxhash_rust::xxh3::xxh3_64(&h[..H_IMMUTABLE_END]) != u64_at(H_CHECKSUM) {
-            return Err(corrupted("header checksum mismatch".into()));
         }
         if u32_at(H_HEADER_LEN) as u64 != HEADER_LEN {
             return Err(corrupted("unexpected header length".into()));
@@ -304,11 +307,21 @@ fn check_opened(path: &Path, file: File, opts: &Options) -> Result<(File, Geomet
             me,
         });
     }
-    let size = meta.len();
-    let mut header = vec![0u8; size.min(HEADER_LEN) as usize];
-    file.read_exact_at(&mut header, 0).map_err(io_err(path))?;
-    let geometry = Geometry::from_header(path, &header, size)?;
-    Ok((file, geometry))
+    // Other processes may be growing the file meanwhile. They reserve the space before they
+    // record the new length in the header, so a size taken after reading the header is at
+    // least the length it records. A length word read while being written could still look
+    // wrong: only a damage that persists is reported.
+    let mut attempts = 0;
+    loop {
+        let mut header = vec![0u8; meta.len().min(HEADER_LEN) as usize];
+        file.read_exact_at(&mut header, 0).map_err(io_err(path))?;
+        let size = file.metadata().map_err(io_err(path))?.len();
+        match Geometry::from_header(path, &header, size) {
+            Err(OpenError::Corrupted { .. }) if attempts < 2 => attempts += 1,
+            Err(e) => return Err(e),
+            Ok(geometry) => return Ok((file, geometry)),
+        }
+    }
 }
 
 fn create(path: &Path, opts: &Options) -> Result<(), OpenError> {

@@ -170,6 +170,11 @@ impl Store {
         // Every live process holds a shared lock on the recovery byte; getting it exclusively
         // proves we are alone, so whatever dead processes left behind can be repaired.
         let alone = sys::try_lock(&file, LOCK_RECOVERY, LockKind::Exclusive).map_err(io)?;
+        if !alone {
+            // Waits while a solo opener recovers; from then on our shared lock keeps anyone from
+            // recovering under our feet.
+            sys::lock(&file, LOCK_RECOVERY, LockKind::Shared).map_err(io)?;
+        }
         let slot = (0..MAX_SLOTS)
             .find_map(
                 |s| match sys::try_lock(&file, LOCK_BASE + s as i64, LockKind::Exclusive) {
@@ -220,8 +225,10 @@ impl Store {
             Ordering::Relaxed,
         );
         s.map.store_u64(s.slot_off(S_IN_USE), 1, Ordering::Release);
-        // From now on others may join (and our shared lock on it keeps them from recovering).
-        sys::lock(&s.file, LOCK_RECOVERY, LockKind::Shared).map_err(io)?;
+        if alone {
+            // Downgrade: from now on others may join.
+            sys::lock(&s.file, LOCK_RECOVERY, LockKind::Shared).map_err(io)?;
+        }
         tracing::debug!(path = %path.display(), slot, alone, "session store opened");
         Ok(store)
     }
@@ -741,7 +748,11 @@ impl Shared {
         }
         let size = class_size(c - 1);
         let within = rel % CHUNK_LEN;
-        if within % size != 0 || within + size > CHUNK_LEN || !self.map.in_file(off, size) {
+        // A chunk is used only once it lies wholly inside the file (growth comes first).
+        if within % size != 0
+            || within + size > CHUNK_LEN
+            || !self.map.in_file(off - within, CHUNK_LEN)
+        {
             return None;
         }
         Some(c - 1)
@@ -989,6 +1000,11 @@ impl Shared {
     /// Looks at a bounded sample of entries for an idle record of `class` to evict: an expired
     /// one if seen, else the least recently used of the sample.
     fn evict_for(&self, class: usize) -> bool {
+        // A sparse index may hold no candidate in one sample: look at a few, still bounded.
+        (0..4).any(|_| self.evict_sample(class))
+    }
+
+    fn evict_sample(&self, class: usize) -> bool {
         const SAMPLE: u64 = 512;
         const ENOUGH: usize = 16;
         let hand = self
@@ -1000,7 +1016,7 @@ impl Shared {
         let mut best: Option<(u64, u64, u64)> = None;
         let mut seen = 0;
         for i in 0..SAMPLE {
-            let pos = (hand + i) & (self.g.index_entries - 1);
+            let pos = hand.wrapping_add(i) & (self.g.index_entries - 1);
             let Some(st) = self
                 .map
                 .load_u64(self.entry_off(pos) + E_STATE, Ordering::Acquire)
@@ -1040,7 +1056,7 @@ impl Shared {
         let hand = self.sweep_hand.fetch_add(n, Ordering::Relaxed);
         let now = now_ms();
         for i in 0..n {
-            let pos = (hand + i) & (self.g.index_entries - 1);
+            let pos = hand.wrapping_add(i) & (self.g.index_entries - 1);
             let Some(st) = self
                 .map
                 .load_u64(self.entry_off(pos) + E_STATE, Ordering::Acquire)
@@ -1100,7 +1116,10 @@ impl Shared {
                         let rel = block as u64 * REF_UNIT - g.data_off;
                         let chunk = (rel / CHUNK_LEN) as usize;
                         let i = ((rel % CHUNK_LEN) / class_size(class)) as usize;
-                        let slots = &mut used[chunk];
+                        // `block_class` only accepts chunks wholly inside the file, all counted.
+                        let Some(slots) = used.get_mut(chunk) else {
+                            continue;
+                        };
                         if slots.is_empty() {
                             slots.resize((CHUNK_LEN / class_size(class)) as usize, false);
                         }
@@ -1152,11 +1171,14 @@ impl Shared {
             .store_u64(H_LIVE_BASE as u64, live, Ordering::Relaxed);
         self.map
             .store_u64(H_BYTES_BASE as u64, bytes, Ordering::Relaxed);
+        // Every other slot's owner is gone (we are alone): its in-use mark was left by a crash.
         for slot in 0..MAX_SLOTS as u64 {
             let base = SLOTS_OFF + slot * SLOT_LEN;
             self.map.store_u64(base + S_LIVE, 0, Ordering::Relaxed);
             self.map.store_u64(base + S_BYTES, 0, Ordering::Relaxed);
+            self.map.store_u64(base + S_IN_USE, 0, Ordering::Relaxed);
         }
+        self.map.store_u64(H_DIRTY as u64, 0, Ordering::Release);
         if dropped > 0 {
             tracing::warn!(
                 dropped,
@@ -1192,11 +1214,13 @@ impl Shared {
             let base = SLOTS_OFF + slot * SLOT_LEN;
             live = live.wrapping_add(load(base + S_LIVE));
             bytes = bytes.wrapping_add(load(base + S_BYTES));
-            st.evictions += load(base + S_EVICTIONS);
-            st.lease_waits += load(base + S_LEASE_WAITS);
-            st.takeovers += load(base + S_TAKEOVERS);
-            st.checksum_failures += load(base + S_CHECKSUM_FAILURES);
-            st.expired_reclaimed += load(base + S_EXPIRED);
+            st.evictions = st.evictions.saturating_add(load(base + S_EVICTIONS));
+            st.lease_waits = st.lease_waits.saturating_add(load(base + S_LEASE_WAITS));
+            st.takeovers = st.takeovers.saturating_add(load(base + S_TAKEOVERS));
+            st.checksum_failures = st
+                .checksum_failures
+                .saturating_add(load(base + S_CHECKSUM_FAILURES));
+            st.expired_reclaimed = st.expired_reclaimed.saturating_add(load(base + S_EXPIRED));
             let in_use = load(base + S_IN_USE) != 0;
             if slot as usize == self.slot
                 || (in_use

@@ -738,13 +738,18 @@ fn garbage_headers_are_refused_with_typed_errors() {
             "byte {field}: {e:?}"
         );
     }
-    // Version and fingerprint flips say "another format", never misread the file.
-    for at in [H_VERSION, H_VERSION + 3, H_FINGERPRINT, H_FINGERPRINT + 7] {
+    // A version flip says "another format"; a fingerprint flip under our own version breaks the
+    // header checksum, so it is damage, not another format. Neither misreads the file.
+    for at in [H_VERSION, H_VERSION + 3] {
         let e = open_error(&fx, |b| b[at] ^= 0x01);
         assert!(
             matches!(e, OpenError::UpgradeRequired { .. }),
             "byte {at}: {e:?}"
         );
+    }
+    for at in [H_FINGERPRINT, H_FINGERPRINT + 7] {
+        let e = open_error(&fx, |b| b[at] ^= 0x01);
+        assert!(matches!(e, OpenError::Corrupted { .. }), "byte {at}: {e:?}");
     }
     let e = open_error(&fx, |b| b[..HEADER_LEN].fill(0));
     assert!(matches!(e, OpenError::NotAStore(_)), "{e:?}");

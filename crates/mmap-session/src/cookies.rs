@@ -106,7 +106,11 @@ pub(crate) fn session_cookie(
         Expiry::AtDateTime(at) => Some(at.duration_since(now).unwrap_or_default()),
     };
     if let Some(max_age) = max_age {
-        let secs = i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX);
+        // Round up: a sub-second lifetime must not become `Max-Age=0`, which deletes the cookie.
+        let secs = max_age
+            .as_secs()
+            .saturating_add(u64::from(max_age.subsec_nanos() > 0));
+        let secs = i64::try_from(secs).unwrap_or(i64::MAX);
         cookie.set_max_age(cookie::time::Duration::seconds(secs));
     }
     HeaderValue::try_from(cookie.to_string()).map_err(|_| InvalidCookieConfig)

@@ -1,0 +1,890 @@
+//! Behaviour of the layer, driven in process through an axum `Router`, each test on its own store.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::http::{header, StatusCode};
+use axum::routing::{get, post};
+use axum::Router;
+use common::{
+    cookie_pair, get as get_req, id_of, send, set_cookies, temp_store, text, the_set_cookie,
+    Counting,
+};
+use mmap_session::store::{Options, Store};
+use mmap_session::{
+    Expiry, ReadOnlySession, SameSite, Session, SessionError, SessionLayer, SigningKeys,
+    TypedSession,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+async fn read_n(session: Session) -> Result<String, SessionError> {
+    let n: u64 = session.get("n").await?.unwrap_or(0);
+    Ok(n.to_string())
+}
+
+async fn increment(session: Session) -> Result<String, SessionError> {
+    let n: u64 = session.get("n").await?.unwrap_or(0) + 1;
+    session.insert("n", n).await?;
+    Ok(n.to_string())
+}
+
+async fn insert_then_fail(session: Session) -> Result<StatusCode, SessionError> {
+    session.insert("n", 999).await?;
+    Ok(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+async fn logout(session: Session) -> Result<(), SessionError> {
+    session.flush().await
+}
+
+async fn login(session: Session) -> Result<(), SessionError> {
+    session.cycle_id().await?;
+    session.insert("user", "ann").await
+}
+
+async fn clear(session: Session) -> Result<(), SessionError> {
+    session.clear().await
+}
+
+async fn peek(session: ReadOnlySession) -> Result<String, SessionError> {
+    Ok(session.get::<u64>("n")?.unwrap_or(0).to_string())
+}
+
+async fn big(session: Session) -> Result<(), SessionError> {
+    session.insert("big", "x".repeat(10_000)).await
+}
+
+fn app(layer: SessionLayer) -> Router {
+    routes().layer(layer)
+}
+
+/// The test routes, without the layer: add more routes, then the layer (routes added after
+/// `.layer` are not wrapped by it).
+fn routes() -> Router {
+    Router::new()
+        .route("/plain", get(|| async { "plain" }))
+        .route("/n", get(read_n).post(increment))
+        .route("/fail", post(insert_then_fail))
+        .route("/logout", post(logout))
+        .route("/login", post(login))
+        .route("/clear", post(clear))
+        .route("/peek", get(peek))
+        .route("/big", post(big))
+}
+
+/// Creates a session with `n = 1` and returns its `name=value` cookie pair.
+async fn new_session(app: &Router) -> String {
+    let response = send(app, "POST", "/n", None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    cookie_pair(&response)
+}
+
+#[tokio::test]
+async fn a_new_session_gets_a_cookie_and_keeps_its_data() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store.clone()));
+
+    let first = send(&app, "POST", "/n", None).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let pair = cookie_pair(&first);
+    let id = id_of(&pair);
+    assert_eq!(pair.split_once('=').unwrap().1.len(), 22);
+    assert!(store.get(id.as_bytes()).is_some());
+
+    let second = send(&app, "POST", "/n", Some(&pair)).await;
+    assert!(
+        set_cookies(&second).is_empty(),
+        "a known session needs no new cookie"
+    );
+    assert_eq!(text(second).await, "2");
+    assert_eq!(text(get_req(&app, "/n", Some(&pair)).await).await, "2");
+}
+
+#[tokio::test]
+async fn an_untouched_request_sets_no_cookie_and_takes_no_lease() {
+    let (_dir, store) = temp_store();
+    let backend = Counting::new(store);
+    let app = app(SessionLayer::new(backend.clone()));
+    let pair = new_session(&app).await;
+    let (leases, reads) = (backend.leases(), backend.unleased_reads());
+
+    for cookie in [None, Some(pair.as_str())] {
+        let response = get_req(&app, "/plain", cookie).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(set_cookies(&response).is_empty());
+    }
+    assert_eq!(backend.leases(), leases, "no lease was taken");
+    assert_eq!(backend.unleased_reads(), reads, "the store was not read");
+}
+
+#[tokio::test]
+async fn a_session_that_is_only_read_and_empty_sets_no_cookie() {
+    let (_dir, store) = temp_store();
+    let backend = Counting::new(store);
+    let app = app(SessionLayer::new(backend.clone()));
+    let response = get_req(&app, "/n", None).await;
+    assert_eq!(text_status(response).await, (StatusCode::OK, "0".into()));
+    assert_eq!(backend.leases(), 0);
+}
+
+async fn text_status(response: axum::http::Response<axum::body::Body>) -> (StatusCode, String) {
+    let status = response.status();
+    (status, text(response).await)
+}
+
+#[tokio::test]
+async fn the_cookie_has_secure_defaults() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store));
+    let response = send(&app, "POST", "/n", None).await;
+    let cookie = the_set_cookie(&response);
+    assert_eq!(cookie.name(), "session");
+    assert_eq!(cookie.path(), Some("/"));
+    assert_eq!(cookie.secure(), Some(true));
+    assert_eq!(cookie.http_only(), Some(true));
+    assert_eq!(cookie.same_site(), Some(cookie::SameSite::Lax));
+    assert_eq!(cookie.domain(), None);
+    assert_eq!(
+        cookie.max_age(),
+        Some(cookie::time::Duration::seconds(24 * 60 * 60))
+    );
+}
+
+#[tokio::test]
+async fn configured_cookie_attributes_are_sent() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store)
+        .cookie_name("sid")
+        .domain("example.com")
+        .path("/app")
+        .secure(false)
+        .http_only(false)
+        .same_site(SameSite::Strict)
+        .expiry(Expiry::OnInactivity(Duration::from_secs(90))));
+    let response = send(&app, "POST", "/n", None).await;
+    let cookie = the_set_cookie(&response);
+    assert_eq!(cookie.name(), "sid");
+    assert_eq!(cookie.domain(), Some("example.com"));
+    assert_eq!(cookie.path(), Some("/app"));
+    assert_eq!(cookie.secure(), None);
+    assert_eq!(cookie.http_only(), None);
+    assert_eq!(cookie.same_site(), Some(cookie::SameSite::Strict));
+    assert_eq!(cookie.max_age(), Some(cookie::time::Duration::seconds(90)));
+}
+
+#[tokio::test]
+async fn a_browser_session_cookie_has_no_max_age_and_a_fixed_expiry_counts_down() {
+    let (_dir, store) = temp_store();
+    let browser = app(SessionLayer::new(store.clone()).expiry(Expiry::OnSessionEnd));
+    let response = send(&browser, "POST", "/n", None).await;
+    let cookie = the_set_cookie(&response);
+    assert_eq!(cookie.max_age(), None);
+    assert_eq!(cookie.expires(), None);
+
+    let at = SystemTime::now() + Duration::from_secs(3600);
+    let fixed = app(SessionLayer::new(store.clone()).expiry(Expiry::AtDateTime(at)));
+    let response = send(&fixed, "POST", "/n", None).await;
+    let pair = cookie_pair(&response);
+    let max_age = the_set_cookie(&response).max_age().unwrap().whole_seconds();
+    assert!((3590..=3600).contains(&max_age), "{max_age}");
+    let record = store.get(id_of(&pair).as_bytes()).unwrap();
+    let drift = record
+        .expires_at
+        .duration_since(at)
+        .unwrap_or_else(|e| e.duration());
+    assert!(drift < Duration::from_secs(1));
+}
+
+async fn assert_fresh_session_for(
+    app: &Router,
+    store: &Store,
+    cookie: &str,
+    client_id: Option<mmap_session::SessionId>,
+) {
+    let response = send(app, "POST", "/n", Some(cookie)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let pair = cookie_pair(&response);
+    assert_eq!(text(response).await, "1", "the session starts empty");
+    let new_id = id_of(&pair);
+    if let Some(client_id) = client_id {
+        assert_ne!(new_id, client_id, "the client's id is never adopted");
+        assert!(store.get(client_id.as_bytes()).is_none());
+    }
+    assert!(store.get(new_id.as_bytes()).is_some());
+}
+
+#[tokio::test]
+async fn a_malformed_cookie_gives_a_fresh_session() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store.clone()));
+    for cookie in [
+        "session=",
+        "session=not-an-id",
+        "session=AAAAAAAAAAAAAAAAAAAAAB",
+        "session=AAAAAAAAAAAAAAAAAAAA+/",
+        "session=\"AAAAAAAAAAAAAAAAAAAAAA",
+    ] {
+        assert_fresh_session_for(&app, &store, cookie, None).await;
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_cookie_gives_a_fresh_session() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store.clone()));
+    let existing = new_session(&app).await;
+    // A real id followed by junk: not ours, even though it starts like one.
+    let oversized = format!("{existing}{}", "A".repeat(4000));
+    assert_fresh_session_for(&app, &store, &oversized, None).await;
+}
+
+#[tokio::test]
+async fn an_unknown_cookie_gets_a_fresh_id_and_is_never_adopted() {
+    let (_dir, store) = temp_store();
+    let backend = Counting::new(store.clone());
+    let app = app(SessionLayer::new(backend.clone()));
+    // Well formed, but the server never issued it.
+    let chosen = "session=AAAAAAAAAAAAAAAAAAAAAA";
+    let client_id = id_of(chosen);
+    assert_fresh_session_for(&app, &store, chosen, Some(client_id)).await;
+    assert_eq!(
+        backend.leases(),
+        1,
+        "only the new id was leased, never the client's"
+    );
+
+    // Asking again with the same id still does not adopt it.
+    assert_fresh_session_for(&app, &store, chosen, Some(client_id)).await;
+}
+
+#[tokio::test]
+async fn a_forged_cookie_gives_a_fresh_session() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store.clone()).signed(SigningKeys::new([[1u8; 32]]).unwrap()));
+    let genuine = new_session(&app).await;
+    let id = id_of(&genuine);
+    let id_text = id.encode();
+
+    let forger = SigningKeys::new([[2u8; 32]]).unwrap();
+    let forged_app = app_with_keys(&store, forger);
+    let forged = new_session(&forged_app).await;
+    let forged_tag = forged.split_once('.').unwrap().1;
+
+    for cookie in [
+        format!("session={id_text}"),                    // signature stripped
+        format!("session={id_text}.{forged_tag}"),       // another key's signature
+        format!("session={id_text}.{}", "A".repeat(43)), // made-up signature
+    ] {
+        let response = send(&app, "POST", "/n", Some(&cookie)).await;
+        let pair = cookie_pair(&response);
+        assert_eq!(
+            text(response).await,
+            "1",
+            "the genuine session's data is not reachable"
+        );
+        assert_ne!(id_of(&pair), id);
+    }
+    // The genuine cookie still works.
+    assert_eq!(text(get_req(&app, "/n", Some(&genuine)).await).await, "1");
+}
+
+fn app_with_keys(store: &Store, keys: SigningKeys) -> Router {
+    app(SessionLayer::new(store.clone()).signed(keys))
+}
+
+#[tokio::test]
+async fn signed_cookies_accept_old_keys_and_sign_with_the_first() {
+    let (_dir, store) = temp_store();
+    let (old, new) = ([1u8; 32], [2u8; 32]);
+    let before = app_with_keys(&store, SigningKeys::new([old]).unwrap());
+    let after = app_with_keys(&store, SigningKeys::new([new, old]).unwrap());
+    let only_new = app_with_keys(&store, SigningKeys::new([new]).unwrap());
+    let only_old = app_with_keys(&store, SigningKeys::new([old]).unwrap());
+
+    let signed_with_old = new_session(&before).await;
+    assert_eq!(
+        text(send(&after, "POST", "/n", Some(&signed_with_old)).await).await,
+        "2",
+        "a cookie signed with an older key is still accepted"
+    );
+
+    let signed_after_rotation = new_session(&after).await;
+    assert!(signed_after_rotation.contains('.'));
+    assert_eq!(
+        text(get_req(&only_new, "/n", Some(&signed_after_rotation)).await).await,
+        "1",
+        "new cookies are signed with the first key"
+    );
+    assert_eq!(
+        text(get_req(&only_old, "/n", Some(&signed_after_rotation)).await).await,
+        "0",
+        "and not with the old one"
+    );
+}
+
+#[tokio::test]
+async fn an_inactive_session_expires() {
+    let (_dir, store) = temp_store();
+    let app =
+        app(SessionLayer::new(store.clone())
+            .expiry(Expiry::OnInactivity(Duration::from_millis(300))));
+    let pair = new_session(&app).await;
+    assert_eq!(text(get_req(&app, "/n", Some(&pair)).await).await, "1");
+
+    // Let the inactivity period pass (a deadline, not a condition to poll for).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    assert!(store.get(id_of(&pair).as_bytes()).is_none());
+    assert_fresh_session_for(&app, &store, &pair, Some(id_of(&pair))).await;
+}
+
+#[tokio::test]
+async fn an_unchanged_session_is_refreshed_at_most_once_per_interval() {
+    let (_dir, store) = temp_store();
+    let hour = Duration::from_secs(3600);
+    let eager = app(SessionLayer::new(store.clone())
+        .expiry(Expiry::OnInactivity(hour))
+        .refresh_interval(Duration::ZERO));
+    let lazy = app(SessionLayer::new(store.clone())
+        .expiry(Expiry::OnInactivity(hour))
+        .refresh_interval(hour));
+    let pair = new_session(&eager).await;
+    let key = id_of(&pair);
+    let created = store.get(key.as_bytes()).unwrap().expires_at;
+
+    let response = get_req(&lazy, "/n", Some(&pair)).await;
+    assert!(
+        set_cookies(&response).is_empty(),
+        "not due: nothing written, no cookie"
+    );
+    assert_eq!(store.get(key.as_bytes()).unwrap().expires_at, created);
+
+    let response = get_req(&eager, "/n", Some(&pair)).await;
+    let cookie = the_set_cookie(&response);
+    assert_eq!(cookie.value(), pair.split_once('=').unwrap().1, "same id");
+    assert_eq!(
+        cookie.max_age(),
+        Some(cookie::time::Duration::seconds(3600))
+    );
+    let refreshed = store.get(key.as_bytes()).unwrap();
+    assert!(refreshed.expires_at >= created);
+    assert_eq!(
+        text(get_req(&lazy, "/n", Some(&pair)).await).await,
+        "1",
+        "data unchanged"
+    );
+}
+
+#[tokio::test]
+async fn flush_deletes_the_session_and_expires_the_cookie() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store.clone()));
+    let pair = new_session(&app).await;
+    let id = id_of(&pair);
+
+    let response = send(&app, "POST", "/logout", Some(&pair)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let removal = the_set_cookie(&response);
+    assert_eq!(removal.name(), "session");
+    assert_eq!(removal.value(), "");
+    assert_eq!(removal.max_age(), Some(cookie::time::Duration::ZERO));
+    assert!(store.get(id.as_bytes()).is_none());
+
+    assert_fresh_session_for(&app, &store, &pair, Some(id)).await;
+}
+
+#[tokio::test]
+async fn an_emptied_session_is_removed_and_its_cookie_expired() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store.clone()));
+    let pair = new_session(&app).await;
+    let response = send(&app, "POST", "/clear", Some(&pair)).await;
+    assert_eq!(
+        the_set_cookie(&response).max_age(),
+        Some(cookie::time::Duration::ZERO)
+    );
+    assert!(store.get(id_of(&pair).as_bytes()).is_none());
+}
+
+#[tokio::test]
+async fn data_inserted_after_flush_goes_to_a_new_id() {
+    let (_dir, store) = temp_store();
+    let app = Router::new()
+        .route("/n", post(increment))
+        .route(
+            "/logout",
+            post(|session: Session| async move {
+                session.flush().await?;
+                session.insert("notice", "signed out").await?;
+                Ok::<_, SessionError>(())
+            }),
+        )
+        .layer(SessionLayer::new(store.clone()));
+    let pair = new_session(&app).await;
+    let response = send(&app, "POST", "/logout", Some(&pair)).await;
+    let new_pair = cookie_pair(&response);
+    assert_ne!(id_of(&new_pair), id_of(&pair));
+    assert!(store.get(id_of(&pair).as_bytes()).is_none());
+    let record = store.get(id_of(&new_pair).as_bytes()).unwrap();
+    let text = String::from_utf8(record.value).unwrap();
+    assert!(
+        text.contains("signed out") && !text.contains("\"n\""),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn cycle_id_moves_the_data_to_a_new_id_and_removes_the_old_record() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store.clone()));
+    let pair = new_session(&app).await;
+
+    let response = send(&app, "POST", "/login", Some(&pair)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let new_pair = cookie_pair(&response);
+    assert_ne!(id_of(&new_pair), id_of(&pair));
+    assert!(
+        store.get(id_of(&pair).as_bytes()).is_none(),
+        "the old id is dead"
+    );
+    assert_eq!(
+        text(get_req(&app, "/n", Some(&new_pair)).await).await,
+        "1",
+        "data kept"
+    );
+    assert_fresh_session_for(&app, &store, &pair, Some(id_of(&pair))).await;
+}
+
+#[tokio::test]
+async fn a_failed_cycle_id_keeps_the_old_session() {
+    let (_dir, store) = temp_store();
+    // The store refuses values over 100 bytes; the layer's own limit is higher, so the failure comes
+    // from the store while writing the new record.
+    let small = Store::open_with(
+        _dir.path().join("small"),
+        Options::default().max_value_len(100),
+    )
+    .unwrap();
+    drop(store);
+    let app = Router::new()
+        .route("/n", post(increment))
+        .route(
+            "/login",
+            post(|session: Session| async move {
+                session.cycle_id().await?;
+                session.insert("user", "x".repeat(200)).await
+            }),
+        )
+        .layer(SessionLayer::new(small.clone()));
+    let pair = new_session(&app).await;
+    let response = send(&app, "POST", "/login", Some(&pair)).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(set_cookies(&response).is_empty());
+    let old = small.get(id_of(&pair).as_bytes()).unwrap();
+    assert!(String::from_utf8(old.value).unwrap().contains("\"n\":1"));
+}
+
+#[tokio::test]
+async fn a_server_error_saves_nothing() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store.clone()));
+    let pair = new_session(&app).await;
+    let response = send(&app, "POST", "/fail", Some(&pair)).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(set_cookies(&response).is_empty());
+    assert_eq!(text(get_req(&app, "/n", Some(&pair)).await).await, "1");
+
+    let response = send(&app, "POST", "/fail", None).await;
+    assert!(set_cookies(&response).is_empty(), "no new session either");
+}
+
+#[tokio::test]
+async fn a_server_error_saves_when_configured_to() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store.clone()).save_on_server_error(true));
+    let pair = new_session(&app).await;
+    let response = send(&app, "POST", "/fail", Some(&pair)).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(text(get_req(&app, "/n", Some(&pair)).await).await, "999");
+}
+
+/// Lets a test hold a handler inside a request: the handler touches the session, reports that it
+/// holds it, and waits until it is let go.
+#[derive(Clone, Default)]
+struct Gate {
+    holding: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+fn gated_app(layer: SessionLayer, gate: Gate) -> Router {
+    routes()
+        .route(
+            "/hold",
+            post(move |session: Session| {
+                let gate = gate.clone();
+                async move {
+                    session.insert("n", 1000).await?;
+                    gate.holding.notify_one();
+                    gate.release.notified().await;
+                    Ok::<_, SessionError>("released")
+                }
+            }),
+        )
+        .route(
+            "/panic",
+            post(|session: Session| async move {
+                session.insert("n", 1000).await?;
+                if session.id().is_some() {
+                    panic!("handler panics while holding the session");
+                }
+                Ok::<_, SessionError>(())
+            }),
+        )
+        .layer(layer)
+}
+
+#[tokio::test]
+async fn a_panicking_handler_releases_the_lease_and_saves_nothing() {
+    let (_dir, store) = temp_store();
+    let layer = SessionLayer::new(store.clone()).lease_wait(Duration::from_millis(300));
+    let app = gated_app(layer, Gate::default());
+    let pair = new_session(&app).await;
+
+    let request = tokio::spawn({
+        let (app, pair) = (app.clone(), pair.clone());
+        async move { send(&app, "POST", "/panic", Some(&pair)).await }
+    });
+    assert!(request.await.unwrap_err().is_panic());
+
+    let started = Instant::now();
+    let response = get_req(&app, "/n", Some(&pair)).await;
+    assert_eq!(text_status(response).await, (StatusCode::OK, "1".into()));
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "did not wait for the lease"
+    );
+}
+
+#[tokio::test]
+async fn a_panic_caught_by_catch_panic_releases_the_lease_and_saves_nothing() {
+    let (_dir, store) = temp_store();
+    let layer = SessionLayer::new(store.clone()).lease_wait(Duration::from_millis(300));
+    let gate = Gate::default();
+    // CatchPanic outside the session layer: the session future is dropped on unwind.
+    let outer = gated_app(layer.clone(), gate.clone())
+        .layer(tower_http::catch_panic::CatchPanicLayer::new());
+    // CatchPanic inside: the session layer sees an ordinary 500.
+    let inner = Router::new()
+        .route(
+            "/panic",
+            post(|session: Session| async move {
+                session.insert("n", 1000).await?;
+                if session.id().is_some() {
+                    panic!("handler panics while holding the session");
+                }
+                Ok::<_, SessionError>(())
+            }),
+        )
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .layer(layer);
+    let pair = new_session(&outer).await;
+
+    for app in [&outer, &inner] {
+        let response = send(app, "POST", "/panic", Some(&pair)).await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(set_cookies(&response).is_empty());
+        let response = get_req(&outer, "/n", Some(&pair)).await;
+        assert_eq!(text_status(response).await, (StatusCode::OK, "1".into()));
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_response_future_releases_the_lease_and_saves_nothing() {
+    let (_dir, store) = temp_store();
+    let gate = Gate::default();
+    let app = gated_app(
+        SessionLayer::new(store.clone()).lease_wait(Duration::from_millis(300)),
+        gate.clone(),
+    );
+    let pair = new_session(&app).await;
+
+    let request = tokio::spawn({
+        let (app, pair) = (app.clone(), pair.clone());
+        async move { send(&app, "POST", "/hold", Some(&pair)).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), gate.holding.notified())
+        .await
+        .expect("the handler reached the gate");
+    // The client goes away: the server drops the response future.
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+
+    let response = get_req(&app, "/n", Some(&pair)).await;
+    assert_eq!(text_status(response).await, (StatusCode::OK, "1".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_increments_of_one_session_lose_no_update() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store).lease_wait(Duration::from_secs(30)));
+    let pair = new_session(&app).await;
+
+    let requests: Vec<_> = (0..50)
+        .map(|_| {
+            let (app, pair) = (app.clone(), pair.clone());
+            tokio::spawn(async move { send(&app, "POST", "/n", Some(&pair)).await.status() })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(text(get_req(&app, "/n", Some(&pair)).await).await, "51");
+}
+
+#[tokio::test]
+async fn the_read_only_path_does_not_wait_for_a_held_lease() {
+    let (_dir, store) = temp_store();
+    let backend = Counting::new(store.clone());
+    let app = app(SessionLayer::new(backend.clone()).lease_wait(Duration::from_millis(200)));
+    let pair = new_session(&app).await;
+    let leases = backend.leases();
+
+    // Another request (here: the test itself) holds the session.
+    let held = store
+        .lease_blocking(
+            id_of(&pair).as_bytes(),
+            Instant::now() + Duration::from_secs(1),
+        )
+        .unwrap();
+    let response = get_req(&app, "/peek", Some(&pair)).await;
+    assert!(set_cookies(&response).is_empty());
+    assert_eq!(text_status(response).await, (StatusCode::OK, "1".into()));
+    assert_eq!(backend.leases(), leases, "the read-only path took no lease");
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_lease_wait_timeout_answers_503_with_retry_after() {
+    let (_dir, store) = temp_store();
+    let seen = Arc::new(Mutex::new(None));
+    let app = routes()
+        .route(
+            "/ignore-errors",
+            get({
+                let seen = Arc::clone(&seen);
+                move |session: Session| async move {
+                    // The handler swallows the error and claims success; the layer must not.
+                    let result = session.get::<u64>("n").await;
+                    *seen.lock().unwrap() =
+                        Some(result.map_err(|e| matches!(e, SessionError::LeaseTimeout)));
+                    (StatusCode::OK, "all good")
+                }
+            }),
+        )
+        .layer(SessionLayer::new(store.clone()).lease_wait(Duration::from_millis(100)));
+    let pair = new_session(&app).await;
+    let held = store
+        .lease_blocking(
+            id_of(&pair).as_bytes(),
+            Instant::now() + Duration::from_secs(1),
+        )
+        .unwrap();
+
+    for path in ["/ignore-errors", "/n"] {
+        let response = get_req(&app, path, Some(&pair)).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert!(set_cookies(&response).is_empty());
+        assert_eq!(text(response).await, "Service Unavailable");
+    }
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some(Err(true)),
+        "the handler saw LeaseTimeout"
+    );
+    drop(held);
+    assert_eq!(text(get_req(&app, "/n", Some(&pair)).await).await, "1");
+}
+
+#[tokio::test]
+async fn a_value_over_the_max_size_is_refused_and_nothing_is_written() {
+    let (_dir, store) = temp_store();
+    let app = app(SessionLayer::new(store.clone()).max_session_size(1000));
+    let pair = new_session(&app).await;
+    let before = store.get(id_of(&pair).as_bytes()).unwrap();
+
+    let response = send(&app, "POST", "/big", Some(&pair)).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(text(response).await, "Internal Server Error");
+    assert_eq!(store.get(id_of(&pair).as_bytes()).unwrap(), before);
+
+    let response = send(&app, "POST", "/big", None).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(set_cookies(&response).is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_commit_replaces_the_handlers_success_with_a_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Store::open_with(dir.path().join("s"), Options::default().max_value_len(100)).unwrap();
+    let app = routes()
+        .route(
+            "/swallow",
+            post(|session: Session| async move {
+                // Within the layer's limit, over the store's: fails only at commit.
+                let _ = session.insert("note", "y".repeat(200)).await;
+                "saved, supposedly"
+            }),
+        )
+        .layer(SessionLayer::new(store.clone()));
+    let pair = new_session(&app).await;
+    let before = store.get(id_of(&pair).as_bytes()).unwrap();
+    let response = send(&app, "POST", "/swallow", Some(&pair)).await;
+    assert_eq!(
+        text_status(response).await,
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal Server Error".into()
+        )
+    );
+    assert_eq!(store.get(id_of(&pair).as_bytes()).unwrap(), before);
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Cart {
+    items: Vec<String>,
+    visits: u32,
+}
+
+#[tokio::test]
+async fn the_typed_view_round_trips() {
+    let (_dir, store) = temp_store();
+    let app = Router::new()
+        .route(
+            "/add",
+            post(|cart: TypedSession<Cart>| async move {
+                cart.update(|c| {
+                    c.visits += 1;
+                    c.items.push(format!("item{}", c.visits));
+                })
+                .await
+            }),
+        )
+        .route(
+            "/cart",
+            get(|cart: TypedSession<Cart>| async move {
+                let c = cart.get().await?;
+                Ok::<_, SessionError>(axum::Json(c))
+            }),
+        )
+        .route(
+            "/cart-readonly",
+            get(|session: ReadOnlySession| async move {
+                let c: Cart = session.data()?.unwrap_or_default();
+                Ok::<_, SessionError>(axum::Json(c))
+            }),
+        )
+        .layer(SessionLayer::new(store));
+    let pair = cookie_pair(&send(&app, "POST", "/add", None).await);
+    send(&app, "POST", "/add", Some(&pair)).await;
+    let expected = Cart {
+        items: vec!["item1".into(), "item2".into()],
+        visits: 2,
+    };
+    for path in ["/cart", "/cart-readonly"] {
+        let body = text(get_req(&app, path, Some(&pair)).await).await;
+        assert_eq!(serde_json::from_str::<Cart>(&body).unwrap(), expected);
+    }
+}
+
+#[tokio::test]
+async fn a_session_deleted_by_logout_is_not_brought_back_by_a_concurrent_save() {
+    let (_dir, store) = temp_store();
+    let gate = Gate::default();
+    let app = routes()
+        .route(
+            "/slow-logout",
+            post({
+                let gate = gate.clone();
+                move |session: Session| async move {
+                    session.flush().await?;
+                    gate.holding.notify_one();
+                    gate.release.notified().await;
+                    Ok::<_, SessionError>(())
+                }
+            }),
+        )
+        .layer(SessionLayer::new(store.clone()).lease_wait(Duration::from_secs(10)));
+    let pair = new_session(&app).await;
+    let logout = tokio::spawn({
+        let (app, pair) = (app.clone(), pair.clone());
+        async move { send(&app, "POST", "/slow-logout", Some(&pair)).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), gate.holding.notified())
+        .await
+        .expect("the handler reached the gate");
+    // A save of the same session arrives while the logout holds it; it waits for the lease.
+    let save = tokio::spawn({
+        let (app, pair) = (app.clone(), pair.clone());
+        async move { send(&app, "POST", "/n", Some(&pair)).await }
+    });
+    gate.release.notify_one();
+    assert_eq!(logout.await.unwrap().status(), StatusCode::OK);
+    let saved = save.await.unwrap();
+    assert_eq!(saved.status(), StatusCode::OK);
+    let saved_pair = cookie_pair(&saved);
+    assert_ne!(
+        id_of(&saved_pair),
+        id_of(&pair),
+        "the save went to a fresh session"
+    );
+    assert_eq!(
+        text(saved).await,
+        "1",
+        "the logged-out data did not come back"
+    );
+    assert!(store.get(id_of(&pair).as_bytes()).is_none());
+}
+
+#[tokio::test]
+async fn a_route_without_the_layer_answers_500_saying_so() {
+    let app = Router::new()
+        .route("/", get(|_session: Session| async { "unreachable" }))
+        .route(
+            "/optional",
+            get(|session: Option<Session>| async move { session.is_none().to_string() }),
+        );
+    let response = get_req(&app, "/", None).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(text(response).await.contains("SessionLayer"));
+    assert_eq!(text(get_req(&app, "/optional", None).await).await, "true");
+}
+
+#[tokio::test]
+async fn set_expiry_is_stored_with_the_session_and_resends_the_cookie() {
+    let (_dir, store) = temp_store();
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let app = routes()
+        .route(
+            "/remember",
+            post(move |session: Session| async move {
+                session.set_expiry(Some(Expiry::OnInactivity(week))).await?;
+                Ok::<_, SessionError>(format!("{:?}", session.expiry().await?))
+            }),
+        )
+        .layer(SessionLayer::new(store.clone()));
+    let pair = new_session(&app).await;
+    let response = send(&app, "POST", "/remember", Some(&pair)).await;
+    assert_eq!(
+        the_set_cookie(&response).max_age(),
+        Some(cookie::time::Duration::seconds(7 * 24 * 3600))
+    );
+    let expires_at = store.get(id_of(&pair).as_bytes()).unwrap().expires_at;
+    assert!(expires_at > SystemTime::now() + week - Duration::from_secs(60));
+    assert_eq!(text(get_req(&app, "/n", Some(&pair)).await).await, "1");
+}

@@ -459,6 +459,23 @@ impl Session {
             .await
     }
 
+    /// True if this request changed the session (data, expiry or id), so it will be written when
+    /// the response is ready.
+    ///
+    /// # Errors
+    ///
+    /// Load errors (see [`SessionError`]).
+    pub async fn is_modified(&self) -> Result<bool, SessionError> {
+        self.with_loaded(|loaded, _| {
+            let moved = loaded
+                .found
+                .as_ref()
+                .is_some_and(|found| found.id != loaded.id);
+            Ok(loaded.modified || moved)
+        })
+        .await
+    }
+
     /// Ends the session (for logout): when the response is ready, the record is deleted and the cookie
     /// expired.
     ///

@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use common::{
     cookie_pair, get as get_req, id_of, send, set_cookies, temp_store, text, the_set_cookie,
-    Counting,
+    Counting, Faulty,
 };
 use mmap_session::store::{Options, Store};
 use mmap_session::{
@@ -461,15 +461,14 @@ async fn cycle_id_moves_the_data_to_a_new_id_and_removes_the_old_record() {
 
 #[tokio::test]
 async fn a_failed_cycle_id_keeps_the_old_session() {
-    let (_dir, store) = temp_store();
     // The store refuses values over 100 bytes; the layer's own limit is higher, so the failure comes
     // from the store while writing the new record.
+    let dir = tempfile::tempdir().unwrap();
     let small = Store::open_with(
-        _dir.path().join("small"),
+        dir.path().join("small"),
         Options::default().max_value_len(100),
     )
     .unwrap();
-    drop(store);
     let app = Router::new()
         .route("/n", post(increment))
         .route(
@@ -486,6 +485,63 @@ async fn a_failed_cycle_id_keeps_the_old_session() {
     assert!(set_cookies(&response).is_empty());
     let old = small.get(id_of(&pair).as_bytes()).unwrap();
     assert!(String::from_utf8(old.value).unwrap().contains("\"n\":1"));
+}
+
+#[tokio::test]
+async fn a_cycle_id_whose_old_record_cannot_be_removed_is_undone() {
+    let (_dir, store) = temp_store();
+    let backend = Faulty::new(store.clone());
+    let app = app(SessionLayer::new(backend.clone()));
+    let pair = new_session(&app).await;
+    *backend.fail_remove_of.lock().unwrap() = Some(id_of(&pair).as_bytes().to_vec());
+
+    let response = send(&app, "POST", "/login", Some(&pair)).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        set_cookies(&response).is_empty(),
+        "the client keeps its old cookie"
+    );
+    let committed = backend.committed.lock().unwrap().clone();
+    assert_eq!(
+        committed.len(),
+        2,
+        "the data was first written under a new id"
+    );
+    let new_key = committed.last().unwrap();
+    assert_ne!(new_key.as_slice(), id_of(&pair).as_bytes());
+    assert!(
+        store.get(new_key).is_none(),
+        "and removed again when the old one could not go"
+    );
+    assert_eq!(
+        text(get_req(&app, "/n", Some(&pair)).await).await,
+        "1",
+        "the old session is intact"
+    );
+}
+
+#[tokio::test]
+async fn is_modified_tells_whether_the_request_changed_the_session() {
+    let (_dir, store) = temp_store();
+    let app = Router::new()
+        .route(
+            "/",
+            post(|session: Session| async move {
+                let before = session.is_modified().await?;
+                session.insert("k", 1).await?;
+                let after = session.is_modified().await?;
+                Ok::<_, SessionError>(format!("{before} {after}"))
+            }),
+        )
+        .layer(SessionLayer::new(store));
+    let response = send(&app, "POST", "/", None).await;
+    let pair = cookie_pair(&response);
+    assert_eq!(text(response).await, "false true");
+    // Inserting the value already stored is no change.
+    assert_eq!(
+        text(send(&app, "POST", "/", Some(&pair)).await).await,
+        "false false"
+    );
 }
 
 #[tokio::test]

@@ -111,3 +111,76 @@ impl SessionBackend for Counting {
         SessionBackend::get_unleased(&self.store, key).await
     }
 }
+
+/// A backend that can be told to fail the removal of one key, and remembers which keys it committed.
+#[derive(Clone, Debug)]
+pub struct Faulty {
+    pub store: Store,
+    pub fail_remove_of: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    pub committed: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Faulty {
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            fail_remove_of: Arc::default(),
+            committed: Arc::default(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct FaultyLease {
+    key: Vec<u8>,
+    lease: Lease,
+    backend: Faulty,
+}
+
+impl SessionBackend for Faulty {
+    type Lease = FaultyLease;
+
+    async fn lease(&self, key: &[u8], deadline: Instant) -> Result<FaultyLease, BackendError> {
+        let lease = SessionBackend::lease(&self.store, key, deadline).await?;
+        Ok(FaultyLease {
+            key: key.to_vec(),
+            lease,
+            backend: self.clone(),
+        })
+    }
+
+    async fn get_unleased(&self, key: &[u8]) -> Result<Option<StoredRecord>, BackendError> {
+        SessionBackend::get_unleased(&self.store, key).await
+    }
+}
+
+impl mmap_session::BackendLease for FaultyLease {
+    async fn load(&mut self) -> Result<Option<StoredRecord>, BackendError> {
+        mmap_session::BackendLease::load(&mut self.lease).await
+    }
+
+    async fn commit(
+        &mut self,
+        value: &[u8],
+        expires_at: std::time::SystemTime,
+    ) -> Result<(), BackendError> {
+        mmap_session::BackendLease::commit(&mut self.lease, value, expires_at).await?;
+        self.backend
+            .committed
+            .lock()
+            .unwrap()
+            .push(self.key.clone());
+        Ok(())
+    }
+
+    async fn remove(&mut self) -> Result<(), BackendError> {
+        if self.backend.fail_remove_of.lock().unwrap().as_deref() == Some(&self.key[..]) {
+            return Err(BackendError::Io(std::io::Error::other("injected failure")));
+        }
+        mmap_session::BackendLease::remove(&mut self.lease).await
+    }
+
+    async fn release(self) {
+        mmap_session::BackendLease::release(self.lease).await;
+    }
+}

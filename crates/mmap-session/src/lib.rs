@@ -72,6 +72,7 @@ mod cookies;
 mod envelope;
 mod error;
 mod extract;
+mod id;
 pub mod middleware;
 mod read_only;
 mod save;
@@ -90,8 +91,6 @@ pub use middleware::{ResponseFuture, SessionLayer, SessionService};
 pub use read_only::ReadOnlySession;
 pub use session::Session;
 pub use typed::TypedSession;
-
-mod id;
 
 /// The memory-mapped store this crate is built on (the `mmap-session-store` crate), re-exported so
 /// that one dependency is enough.

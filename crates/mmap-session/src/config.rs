@@ -216,6 +216,7 @@ pub(crate) struct Config {
     pub(crate) lease_wait: Duration,
     pub(crate) max_size: usize,
     pub(crate) save_on_server_error: bool,
+    pub(crate) save_on_client_error: bool,
     pub(crate) keys: Option<SigningKeys>,
 }
 
@@ -243,6 +244,7 @@ impl Default for Config {
             lease_wait: DEFAULT_LEASE_WAIT,
             max_size: DEFAULT_MAX_SESSION_SIZE,
             save_on_server_error: false,
+            save_on_client_error: true,
             keys: None,
         }
     }

@@ -33,11 +33,14 @@ pub(crate) async fn finish(inner: Arc<SessionInner>, mut response: Response) -> 
         State::Loaded(loaded) => *loaded,
     };
     let config = &inner.shared.config;
-    if response.status().is_server_error() && !config.save_on_server_error {
+    let status = response.status();
+    if (status.is_server_error() && !config.save_on_server_error)
+        || (status.is_client_error() && !config.save_on_client_error)
+    {
         tracing::debug!(
             session = %loaded.id.short_hash(),
-            status = response.status().as_u16(),
-            "server error: the session is released unsaved"
+            status = status.as_u16(),
+            "error response: the session is released unsaved"
         );
         if let Some(found) = loaded.found {
             found.lease.release_dyn().await;

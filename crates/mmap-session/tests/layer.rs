@@ -567,6 +567,29 @@ async fn a_server_error_saves_when_configured_to() {
     assert_eq!(text(get_req(&app, "/n", Some(&pair)).await).await, "999");
 }
 
+#[tokio::test]
+async fn a_client_error_saves_unless_configured_not_to() {
+    let (_dir, store) = temp_store();
+    let insert_then_reject = |session: Session| async move {
+        session.insert("n", 7).await?;
+        Ok::<_, SessionError>(StatusCode::UNPROCESSABLE_ENTITY)
+    };
+    let saving = routes()
+        .route("/reject", post(insert_then_reject))
+        .layer(SessionLayer::new(store.clone()));
+    let strict = routes()
+        .route("/reject", post(insert_then_reject))
+        .layer(SessionLayer::new(store.clone()).save_on_client_error(false));
+
+    let pair = new_session(&strict).await;
+    let response = send(&strict, "POST", "/reject", Some(&pair)).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(text(get_req(&strict, "/n", Some(&pair)).await).await, "1");
+
+    send(&saving, "POST", "/reject", Some(&pair)).await;
+    assert_eq!(text(get_req(&saving, "/n", Some(&pair)).await).await, "7");
+}
+
 /// Lets a test hold a handler inside a request: the handler touches the session, reports that it
 /// holds it, and waits until it is let go.
 #[derive(Clone, Default)]

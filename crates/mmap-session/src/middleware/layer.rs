@@ -13,7 +13,8 @@ use crate::session::Shared;
 ///
 /// Defaults: cookie `session`, `Path=/`, `Secure`, `HttpOnly`, `SameSite=Lax`, no `Domain`; expiry
 /// after 24 hours of inactivity, refreshed at most once a minute; wait up to 5 seconds for a busy
-/// session; at most 64 KiB per session; nothing saved on a 5xx response; unsigned cookies.
+/// session; at most 64 KiB per session; nothing saved on a 5xx response (saved on a 4xx); unsigned
+/// cookies.
 ///
 /// # Examples
 ///
@@ -277,6 +278,26 @@ impl SessionLayer {
     /// ```
     pub fn save_on_server_error(mut self, save: bool) -> Self {
         self.config().save_on_server_error = save;
+        self
+    }
+
+    /// Whether changes are saved when the response is a client error (4xx). Default on: a form
+    /// that failed validation may still have changed the session on purpose (a flash message, a
+    /// counter of failed attempts). Turn it off to treat 4xx like 5xx.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use mmap_session::{store::Store, SessionLayer};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let store = Store::open(dir.path().join("sessions"))?;
+    /// let layer = SessionLayer::new(store).save_on_client_error(false);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn save_on_client_error(mut self, save: bool) -> Self {
+        self.config().save_on_client_error = save;
         self
     }
 

@@ -209,7 +209,10 @@ struct Seen {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
     const CLIENTS: usize = 8;
-    const ROUNDS: usize = 5;
+    const MIN_ROUNDS: usize = 5;
+    const MAX_ROUNDS: usize = 100;
+    /// What the store logs when it takes over the lease of a dead holder.
+    const TAKEOVER: &str = "holder process died";
     bounded(Duration::from_secs(240), async {
         let mut cluster = Cluster::start("counter", COPIES, &[]).await;
         let mut chance = Chance::from_clock();
@@ -249,11 +252,18 @@ async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
             }));
         }
 
+        // Kill at random moments until at least MIN_ROUNDS kills have happened and at least one of
+        // them hit a process while it held the session's lease (the survivors log the take-over).
         let mut restarted_pids = Vec::new();
         let mut progress_rx = progress_rx;
-        for round in 0..ROUNDS {
+        let mut round = 0;
+        while round < MIN_ROUNDS || cluster.log_lines_containing(TAKEOVER) == 0 {
+            assert!(
+                round < MAX_ROUNDS,
+                "{MAX_ROUNDS} kills and none hit a process holding the lease"
+            );
             let done = *progress_rx.borrow();
-            let kill_after = done + chance.between(30, 200);
+            let kill_after = done + chance.between(10, 100);
             progress_rx
                 .wait_for(|n| *n >= kill_after)
                 .await
@@ -264,11 +274,12 @@ async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
             cluster.restart(victim).await;
             restarted_pids.push(cluster.pids()[victim]);
             // Let the restarted process take part in the load before the next kill.
-            let resume = *progress_rx.borrow() + 150;
+            let resume = *progress_rx.borrow() + 100;
             progress_rx
                 .wait_for(|n| *n >= resume)
                 .await
                 .expect("the load clients stopped");
+            round += 1;
         }
         stop.store(true, Ordering::Relaxed);
 
@@ -292,9 +303,12 @@ async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
             final_count >= max_seen,
             "the session says {final_count} but a client was told {max_seen}"
         );
+        // nginx passes a GET whose process died before answering on to the next process, so a
+        // request in flight in a killed process may have been counted twice (once unanswered).
         let attempts = u64::try_from(seen.ok.len() + seen.failed.len()).unwrap();
+        let retried_at_most = u64::try_from(CLIENTS * restarted_pids.len()).unwrap();
         assert!(
-            final_count <= base + attempts,
+            final_count <= base + attempts + retried_at_most,
             "the session counted {final_count}, more than {attempts} requests could have"
         );
         for restarted in &restarted_pids {
@@ -305,13 +319,16 @@ async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
         }
         // Each kill can fail at most the requests that were in flight in the killed process.
         assert!(
-            seen.failed.len() <= CLIENTS * ROUNDS,
+            seen.failed.len() <= CLIENTS * restarted_pids.len(),
             "{} requests failed: {:?}",
             seen.failed.len(),
             seen.failed
         );
         eprintln!(
-            "{} acknowledged increments, {} failed requests, final count {final_count} (base {base})",
+            "{} kills ({} lease take-overs from a dead holder): {} acknowledged increments, {} \
+             failed requests, final count {final_count} (base {base})",
+            restarted_pids.len(),
+            cluster.log_lines_containing(TAKEOVER),
             seen.ok.len(),
             seen.failed.len()
         );

@@ -49,12 +49,21 @@ pub(crate) fn example(name: &str) -> PathBuf {
         .unwrap_or_else(|_| panic!("example binary {} is missing: {advice}", path.display()));
     // A stale binary would test yesterday's code: refuse it.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for dir in [
-        "examples",
+    let own_source = format!("examples/{name}.rs");
+    let sources = [
+        own_source.as_str(),
+        "examples/common",
         "crates/mmap-session/src",
         "crates/mmap-session-store/src",
-    ] {
-        if let Some((source, changed)) = newest_file(&root.join(dir)) {
+    ];
+    for source in sources {
+        let source = root.join(source);
+        let newest = if source.is_dir() {
+            newest_file(&source)
+        } else {
+            modified(&source).map(|time| (source, time))
+        };
+        if let Some((source, changed)) = newest {
             assert!(
                 changed <= built,
                 "example binary {} is older than {}: {advice}",
@@ -66,6 +75,10 @@ pub(crate) fn example(name: &str) -> PathBuf {
     path
 }
 
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    fs::metadata(path).and_then(|meta| meta.modified()).ok()
+}
+
 /// The most recently modified Rust source file under `dir`, recursively.
 fn newest_file(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
     let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
@@ -74,11 +87,7 @@ fn newest_file(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
         let candidate = if path.is_dir() {
             newest_file(&path)
         } else if path.extension().is_some_and(|ext| ext == "rs") {
-            entry
-                .metadata()
-                .and_then(|meta| meta.modified())
-                .ok()
-                .map(|time| (path, time))
+            modified(&path).map(|time| (path, time))
         } else {
             None
         };
@@ -652,6 +661,20 @@ impl Cluster {
         for index in 0..self.servers.len() {
             self.wait_healthy(index).await;
         }
+    }
+
+    /// How many lines of all the server logs so far (dead processes' included) contain `needle`.
+    pub(crate) fn log_lines_containing(&self, needle: &str) -> usize {
+        let Ok(entries) = fs::read_dir(self.dir.path()) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+            .filter_map(|path| fs::read_to_string(path).ok())
+            .map(|text| text.lines().filter(|line| line.contains(needle)).count())
+            .sum()
     }
 
     /// The shared session file.

@@ -97,3 +97,21 @@ pub enum StoreError {
     #[error("store file corrupted: {0}")]
     Corrupted(&'static str),
 }
+
+impl StoreError {
+    /// A copy of this error for each of several waiters (an I/O error keeps its kind and text).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::LeaseTimeout => StoreError::LeaseTimeout,
+            StoreError::LeaseLost => StoreError::LeaseLost,
+            StoreError::StoreFull => StoreError::StoreFull,
+            StoreError::TooLarge { len, max } => StoreError::TooLarge {
+                len: *len,
+                max: *max,
+            },
+            StoreError::Io(e) => StoreError::Io(io::Error::new(e.kind(), e.to_string())),
+            StoreError::Corrupted(what) => StoreError::Corrupted(what),
+        }
+    }
+}

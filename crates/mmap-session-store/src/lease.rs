@@ -5,6 +5,8 @@ use std::time::SystemTime;
 
 use crate::error::StoreError;
 use crate::layout::{holder, state_block, E_STATE, REF_UNIT, R_EXPIRES};
+#[cfg(feature = "tokio")]
+use crate::layout::{state_token, TOKEN_WAITERS};
 use crate::open::now_ms;
 use crate::store::{time_to_ms, KeyHash, ReadOutcome, Record, Store};
 
@@ -33,6 +35,24 @@ impl Lease {
             key,
             released: false,
         }
+    }
+
+    /// A lease passed on from another holder of this process (same token).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn from_parts(store: Store, state_off: u64, token: u32, key: KeyHash) -> Lease {
+        Lease {
+            store,
+            state_off,
+            token,
+            key,
+            released: false,
+        }
+    }
+
+    /// Forgets this guard without releasing: its token was passed on or back.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn disarm(mut self) {
+        self.released = true;
     }
 
     /// The committed value, copied out of the file; `None` if there is none, it has expired, or
@@ -102,6 +122,19 @@ impl Lease {
             return;
         }
         let s = &self.store.shared;
+        #[cfg(feature = "tokio")]
+        if s.local.pending() {
+            // Pass the lease straight to a task of this process, unless another process waits.
+            let state = s.map.load_u64(self.state_off, Ordering::Acquire);
+            let others_wait = state.is_none_or(|st| state_token(st) & TOKEN_WAITERS != 0);
+            if !others_wait
+                && state.is_some_and(|st| holder(st) == self.token)
+                && s.local
+                    .hand_over(&self.store, self.state_off, self.token, self.key)
+            {
+                return;
+            }
+        }
         // An expired record found under the lease is reclaimed on the way out.
         if let Some(state) = s.map.load_u64(self.state_off, Ordering::Acquire) {
             let block = state_block(state);
@@ -117,6 +150,13 @@ impl Lease {
             }
         }
         s.release_word(self.state_off, self.token);
+        #[cfg(feature = "tokio")]
+        {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if s.local.pending() {
+                s.local.after_release(&self.store, &self.key);
+            }
+        }
     }
 }
 

@@ -50,6 +50,8 @@
 mod error;
 mod layout;
 mod lease;
+#[cfg(feature = "tokio")]
+mod local;
 mod map;
 mod open;
 mod store;

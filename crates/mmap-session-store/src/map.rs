@@ -226,6 +226,20 @@ impl Map {
         true
     }
 
+    /// Copies `len` bytes at `off` out of the mapping into a new vector (without zeroing it
+    /// first); `None` if the range is outside the file. The same caveat as for `read` applies.
+    #[inline]
+    pub(crate) fn read_vec(&self, off: u64, len: usize) -> Option<Vec<u8>> {
+        let src = self.checked_ptr(off, len as u64, 1)?;
+        let mut out = Vec::with_capacity(len);
+        // SAFETY: the source range is inside the file-backed mapping (checked); the destination
+        // is the vector's own allocation of at least `len` bytes, which cannot overlap the map.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), len) };
+        // SAFETY: the copy above initialised exactly the first `len` bytes of the allocation.
+        unsafe { out.set_len(len) };
+        Some(out)
+    }
+
     /// Copies `src` into the mapping at `off`; false (and nothing written) if out of bounds.
     ///
     /// Callers write only into blocks they own: a block just taken from a free list, or the

@@ -32,6 +32,9 @@ pub(crate) struct Shared {
     pub(crate) g: Geometry,
     /// This process's registration slot: its OFD lock on `LOCK_BASE + slot` is its liveness.
     pub(crate) slot: usize,
+    /// Tasks of this process waiting for leases.
+    #[cfg(feature = "tokio")]
+    pub(crate) local: crate::local::LocalWaiters,
     /// Where this process's expiry sweep looks next (per process, so commits do not contend).
     sweep_hand: AtomicU64,
     lease_timeout: Duration,
@@ -129,8 +132,12 @@ enum Inserted {
     Retry,
 }
 
+/// How many times a waiter re-reads a held word before it sleeps (a few microseconds).
+const SPIN_CHECKS: u32 = 200;
+
 /// Progress of one wait for a lock word.
 struct Waiter {
+    spun: bool,
     seen: u32,
     since: Instant,
     slept: bool,
@@ -193,6 +200,8 @@ impl Store {
                 map,
                 g,
                 slot,
+                #[cfg(feature = "tokio")]
+                local: crate::local::LocalWaiters::default(),
                 sweep_hand: AtomicU64::new(u64::from(std::process::id()).wrapping_mul(0x9E37_79B9)),
                 lease_timeout: options.lease_timeout,
                 grow: Mutex::new(()),
@@ -305,8 +314,15 @@ impl Store {
     /// ([`StoreError::LeaseTimeout`]). Waiters sleep on a futex and are woken by the release;
     /// a lease whose holder process died is taken over within milliseconds.
     pub fn lease_blocking(&self, key: &[u8], deadline: Instant) -> Result<Lease, StoreError> {
+        self.lease_hashed_blocking(KeyHash::new(key), deadline)
+    }
+
+    pub(crate) fn lease_hashed_blocking(
+        &self,
+        kh: KeyHash,
+        deadline: Instant,
+    ) -> Result<Lease, StoreError> {
         let s = &self.shared;
-        let kh = KeyHash::new(key);
         loop {
             let pos = match s.lookup(&kh) {
                 Some(pos) => pos,
@@ -325,20 +341,27 @@ impl Store {
         }
     }
 
-    /// Waits until the busy lease of `key` is ours, or until `deadline`. The wait happens on
-    /// tokio's blocking pool, so no runtime worker is ever blocked; an uncontended lease is
-    /// taken without leaving the calling task. Dropping the future gives the lease back if it
-    /// was obtained meanwhile.
+    /// Waits until the busy lease of `key` is ours, or until `deadline`, without ever blocking a
+    /// runtime worker. An uncontended lease is taken without leaving the calling task. Tasks of
+    /// one process waiting for one key queue in the process: a lease released by a task of this
+    /// process passes straight to the next queued task unless another process waits too, and a
+    /// release by another process reaches the queue through one blocking thread per key.
+    /// Dropping the future gives the lease back if it was obtained meanwhile.
+    ///
+    /// Needs a tokio runtime with timers enabled (as `#[tokio::main]` builds).
     #[cfg(feature = "tokio")]
     pub async fn lease(&self, key: &[u8], deadline: Instant) -> Result<Lease, StoreError> {
         if let Some(lease) = self.try_lease(key)? {
             return Ok(lease);
         }
-        let store = self.clone();
-        let key = key.to_vec();
-        tokio::task::spawn_blocking(move || store.lease_blocking(&key, deadline))
-            .await
-            .map_err(|e| StoreError::Io(io::Error::other(e)))?
+        let rx = self.shared.local.enqueue(self, KeyHash::new(key), deadline);
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(delivery)) => delivery,
+            Ok(Err(_)) => Err(StoreError::Io(io::Error::other(
+                "the lease waiter was dropped",
+            ))),
+            Err(_) => Err(StoreError::LeaseTimeout),
+        }
     }
 
     fn lease_at(&self, pos: u64, token: u32, kh: KeyHash) -> Lease {
@@ -408,6 +431,18 @@ impl Shared {
         None
     }
 
+    /// Whether a lease of this process holds `kh` right now.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn held_here(&self, kh: &KeyHash) -> bool {
+        let Some(pos) = self.lookup(kh) else {
+            return false;
+        };
+        let state = self
+            .map
+            .load_u64(self.entry_off(pos) + E_STATE, Ordering::SeqCst);
+        state.is_some_and(|s| holder(s) != 0 && token_slot(holder(s)) == self.slot)
+    }
+
     fn new_token(&self) -> u32 {
         let seq =
             self.map.fetch_add_u64(self.slot_off(S_SEQ), 1).unwrap_or(0) as u32 & TOKEN_SEQ_MASK;
@@ -449,6 +484,7 @@ impl Shared {
             seen: 0,
             since: Instant::now(),
             slept: false,
+            spun: false,
             woken: false,
             timeouts: 0,
         };
@@ -501,6 +537,18 @@ impl Shared {
                     self.map.wake(off, 1); // pass on the wake-up we will not use
                 }
                 return Err(StoreError::LeaseTimeout);
+            }
+            // Leases are usually held for a microsecond or two: before sleeping (which costs a
+            // wake-up of a halted CPU on the other side), watch the word briefly.
+            if !w.spun {
+                w.spun = true;
+                for _ in 0..SPIN_CHECKS {
+                    std::hint::spin_loop();
+                    if self.map.load_u64(off, Ordering::Relaxed) != Some(s) {
+                        break;
+                    }
+                }
+                continue;
             }
             let word = state_token(s) | TOKEN_WAITERS;
             if state_token(s) & TOKEN_WAITERS == 0
@@ -778,10 +826,9 @@ impl Shared {
         if header[R_KEY as usize..] != kh.hash {
             return ReadOutcome::Invalid("record belongs to another key");
         }
-        let mut value = vec![0u8; len as usize];
-        if !self.map.read(off + RECORD_HEADER, &mut value) {
+        let Some(value) = self.map.read_vec(off + RECORD_HEADER, len as usize) else {
             return ReadOutcome::Invalid("record outside the file");
-        }
+        };
         if record_checksum(&header, &value) != sum {
             return ReadOutcome::Invalid("record checksum mismatch");
         }
@@ -1275,9 +1322,11 @@ pub(crate) fn parse_record_header(h: &[u8; RECORD_HEADER as usize]) -> (u32, u32
 /// The checksum of a record: its length, expiry, key hash and value (not the last-used stamp,
 /// which the lease holder updates in place).
 pub(crate) fn record_checksum(header: &[u8; RECORD_HEADER as usize], value: &[u8]) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(&header[R_LEN as usize..R_LAST_USED as usize]);
-    h.update(&header[R_KEY as usize..]);
-    h.update(value);
-    h.digest()
+    // Two one-shot hashes (the small fields seed the value's) cost far less than a streaming
+    // hasher's setup for the small values sessions usually are.
+    let mut fields = [0u8; 12 + 32];
+    fields[..12].copy_from_slice(&header[R_LEN as usize..R_LAST_USED as usize]);
+    fields[12..].copy_from_slice(&header[R_KEY as usize..]);
+    let seed = xxhash_rust::xxh3::xxh3_64(&fields);
+    xxhash_rust::xxh3::xxh3_64_with_seed(value, seed)
 }

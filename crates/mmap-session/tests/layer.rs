@@ -828,6 +828,38 @@ async fn a_failed_commit_replaces_the_handlers_success_with_a_500() {
     assert_eq!(store.get(id_of(&pair).as_bytes()).unwrap(), before);
 }
 
+#[tokio::test]
+async fn a_full_store_answers_503_and_keeps_what_it_had() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for a handful of 60 KiB sessions only, each held by a request: nothing can be evicted.
+    let opts = Options::default().max_sessions(64);
+    let probe = Store::open_with(dir.path().join("probe"), opts.clone()).unwrap();
+    let data_start = probe.stats().bytes_reserved;
+    drop(probe);
+    let store = Store::open_with(
+        dir.path().join("s"),
+        opts.max_file_size(data_start + (1 << 20)),
+    )
+    .unwrap();
+    let mut held = Vec::new();
+    for i in 0..64u32 {
+        let mut lease = store.try_lease(&i.to_le_bytes()).unwrap().unwrap();
+        match lease.commit(
+            &vec![1u8; 60 << 10],
+            SystemTime::now() + Duration::from_secs(600),
+        ) {
+            Ok(()) => held.push(lease),
+            Err(_) => break,
+        }
+    }
+    let app = routes().layer(SessionLayer::new(store.clone()));
+    let response = send(&app, "POST", "/big", None).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert!(response.headers().get("set-cookie").is_none());
+    assert_eq!(store.stats().live_records, held.len() as u64);
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 struct Cart {
     items: Vec<String>,

@@ -48,6 +48,7 @@
 #![deny(missing_docs)]
 
 mod error;
+mod inspect;
 mod layout;
 mod lease;
 #[cfg(feature = "tokio")]
@@ -59,6 +60,7 @@ mod sys;
 mod verify;
 
 pub use error::{OpenError, StoreError};
+pub use inspect::{EntryInfo, LeaseHolder};
 pub use lease::Lease;
 pub use open::Options;
 pub use store::{Record, Stats, Store};

@@ -734,7 +734,7 @@ impl Shared {
 
     /// Removes the record of an idle entry observed in state `st`, by leasing it first. True if
     /// the record was removed.
-    fn remove_idle(&self, pos: u64, st: u64, counter: u64) -> bool {
+    pub(crate) fn remove_idle(&self, pos: u64, st: u64, counter: u64) -> bool {
         let state_off = self.entry_off(pos) + E_STATE;
         let token = self.new_token();
         if self

@@ -460,3 +460,53 @@ fn a_store_of_a_thousand_sessions_stays_small_on_disk() {
     );
     assert_eq!(std::fs::metadata(&path).unwrap().len(), reserved);
 }
+
+#[test]
+fn entries_list_records_by_hash_with_their_lease_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), small()).unwrap();
+    for key in [&b"first-key"[..], b"second-key", b"third-key"] {
+        let mut lease = store.lease_blocking(key, soon()).unwrap();
+        lease.commit(&[9u8; 100], later()).unwrap();
+    }
+    let held = store.lease_blocking(b"second-key", soon()).unwrap();
+    let entries = store.entries();
+    assert_eq!(entries.len(), 3);
+    assert!(entries
+        .iter()
+        .all(|e| e.value_len == 100 && e.key_hash.len() == 8));
+    let holders: Vec<_> = entries.iter().filter_map(|e| e.lease.clone()).collect();
+    assert_eq!(holders.len(), 1);
+    assert!(holders[0].alive);
+    assert_eq!(holders[0].pid, u64::from(std::process::id()));
+    let listed = format!("{entries:?}");
+    assert!(
+        !listed.contains("-key"),
+        "keys must never be listed: {listed}"
+    );
+    drop(held);
+}
+
+#[test]
+fn purge_expired_removes_expired_idle_records_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), small()).unwrap();
+    let soon_expired = SystemTime::now() + Duration::from_millis(500);
+    for i in 0..10u8 {
+        let mut lease = store.lease_blocking(&[i], soon()).unwrap();
+        lease
+            .commit(&[i], if i < 4 { later() } else { soon_expired })
+            .unwrap();
+    }
+    let held = store.lease_blocking(&[9u8], soon()).unwrap();
+    while SystemTime::now() <= soon_expired + Duration::from_millis(1) {
+        std::thread::yield_now();
+    }
+    assert_eq!(store.purge_expired(), 5, "six expired, one of them leased");
+    assert_eq!(store.entries().len(), 5);
+    assert_eq!(store.get(&[5u8]), None);
+    assert!(store.get(&[0u8]).is_some());
+    drop(held); // its expired record is reclaimed on release
+    assert_eq!(store.entries().len(), 4);
+    assert_eq!(store.stats().expired_reclaimed, 6);
+}

@@ -63,12 +63,13 @@ impl SessionId {
     }
 
     /// A short, one-way name for this id that is safe to log: the first 8 hex characters of the
-    /// BLAKE3 hash of [`SessionId::encode`]'s text.
+    /// BLAKE3 hash of the id's 16 bytes, the same name under which the store logs the session and
+    /// `mmap-session-admin list` shows it.
     ///
-    /// An operator who has a cookie can compute it (`b3sum` of the cookie's id, without newline) and
+    /// An operator who has a cookie can compute it (`mmap-session-admin hash <cookie value>`) and
     /// find that session's lines in the logs; the logs alone do not give anyone the id.
     pub fn short_hash(&self) -> ShortHash {
-        let hash = blake3::hash(self.encode().as_bytes());
+        let hash = blake3::hash(&self.0);
         let mut out = [0u8; 4];
         out.copy_from_slice(&hash.as_bytes()[..4]);
         ShortHash(out)

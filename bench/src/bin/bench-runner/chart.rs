@@ -29,7 +29,9 @@ fn axis(max: f64) -> (f64, f64) {
 }
 
 fn short(value: f64) -> String {
-    if value >= 10_000.0 {
+    if value == 0.0 {
+        "0".to_owned()
+    } else if value >= 10_000.0 {
         format!("{:.0}k", value / 1000.0)
     } else if value >= 1000.0 {
         format!("{:.1}k", value / 1000.0)

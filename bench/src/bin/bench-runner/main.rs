@@ -230,6 +230,8 @@ pub(crate) struct Machine {
     pub(crate) redis: String,
     pub(crate) wrk: String,
     pub(crate) minutes: f64,
+    /// The project's commit the servers were built from.
+    pub(crate) commit: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -437,6 +439,21 @@ fn command_output(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|error| format!("unknown ({error})"))
 }
 
+/// `abc1234`, with a note when crates/ had uncommitted changes at the time of the run.
+fn project_commit() -> String {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let commit = command_output("git", &["-C", root, "rev-parse", "--short", "HEAD"]);
+    let dirty = Command::new("git")
+        .args(["-C", root, "status", "--porcelain", "--", "crates"])
+        .output()
+        .is_ok_and(|output| !output.stdout.is_empty());
+    if dirty {
+        format!("{commit} (with uncommitted changes in crates/)")
+    } else {
+        commit
+    }
+}
+
 fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|text| {
@@ -535,6 +552,7 @@ fn main() -> Result<()> {
             redis: command_output(&cli.redis_server.to_string_lossy(), &["--version"]),
             wrk: command_output(&cli.wrk.to_string_lossy(), &["-v"]),
             minutes: bench.started.elapsed().as_secs_f64() / 60.0,
+            commit: project_commit(),
         },
         cli: cli.clone(),
     };

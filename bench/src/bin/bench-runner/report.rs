@@ -153,8 +153,8 @@ pub(crate) fn markdown(results: &Results, chart: &str) -> String {
     );
     let _ = writeln!(
         md,
-        "Machine: {} CPUs ({}), Linux {}, {}; run on {} and took {:.1} min. Load average (1, 5, 15 min) before: {}, after: {}. {}, {}, {}.\n",
-        m.nproc, m.cpu, m.kernel, m.rustc, m.date, m.minutes, m.load_before, m.load_after, m.nginx, m.redis, m.wrk
+        "Machine: {} CPUs ({}), Linux {}, {}; run on {} and took {:.1} min, servers built from commit {}. Load average (1, 5, 15 min) before: {}, after: {}. {}, {}, {}.\n",
+        m.nproc, m.cpu, m.kernel, m.rustc, m.date, m.minutes, m.commit, m.load_before, m.load_after, m.nginx, m.redis, m.wrk
     );
     let _ = writeln!(
         md,

@@ -248,6 +248,17 @@ pub(crate) struct Results {
     pub(crate) machine: Machine,
 }
 
+/// A case whose servers are running, with the cookies of its sessions.
+struct Running {
+    index: usize,
+    case: Case,
+    cluster: Cluster,
+    /// Distinct sessions, one cookie a line.
+    many: PathBuf,
+    /// One session.
+    hot: PathBuf,
+}
+
 struct Bench<'a> {
     cli: &'a Cli,
     wrk: wrk::Wrk,
@@ -267,11 +278,12 @@ impl Bench<'_> {
     /// Warm-up, then one measured wrk run with the server-side CPU time around it.
     fn measure(
         &mut self,
-        case: usize,
+        run: &mut Running,
         workload: Workload,
-        cluster: &mut Cluster,
         cookies: Option<&Path>,
     ) -> Result<()> {
+        let case = run.index;
+        let cluster = &mut run.cluster;
         let path = if workload == Workload::Peek {
             "/peek"
         } else {
@@ -298,7 +310,8 @@ impl Bench<'_> {
             wrk: result,
         };
         self.log(&format!(
-            "  {:<26} {:>9.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  cpu {:>6.1} µs/req  errors {}",
+            "  {:<3} {:<26} {:>9.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  cpu {:>6.1} µs/req  errors {}",
+            run.case.id,
             workload.short(),
             measurement.wrk.requests_per_second(),
             measurement.wrk.p50_us as f64 / 1000.0,
@@ -336,39 +349,90 @@ impl Bench<'_> {
         Ok(path)
     }
 
-    fn run_case(&mut self, index: usize, case: &Case) -> Result<()> {
-        self.log(&format!("case {}: {}", case.id, case.label));
-        let mut cluster = Cluster::start(&self.tools, case.backend, case.processes, "small")?;
-        let started = Instant::now();
-        let many = self.cookies(case.backend, &cluster, self.cli.sessions(), "many.txt")?;
-        let hot = self.cookies(case.backend, &cluster, 1, "hot.txt")?;
-        self.log(&format!(
-            "  created {} sessions in {:.1}s",
-            self.cli.sessions() + 1,
-            started.elapsed().as_secs_f64()
-        ));
-        self.measure(index, Workload::Counter, &mut cluster, Some(&many))?;
-        self.measure(index, Workload::Peek, &mut cluster, Some(&many))?;
-        self.measure(index, Workload::Hot, &mut cluster, Some(&hot))?;
-        if case.backend != Backend::None {
-            self.lost_updates(index, &mut cluster, &hot)?;
+    /// Starts every case's servers for one workload family and creates their sessions.
+    fn start_all(
+        &self,
+        cases: &[(usize, &Case)],
+        workload: &str,
+        sessions: usize,
+    ) -> Result<Vec<Running>> {
+        let mut running = Vec::new();
+        for &(index, case) in cases {
+            let cluster = Cluster::start(&self.tools, case.backend, case.processes, workload)
+                .with_context(|| format!("case {}: {}", case.id, case.label))?;
+            let started = Instant::now();
+            let many = self.cookies(
+                case.backend,
+                &cluster,
+                sessions,
+                &format!("{workload}-{}.txt", case.id),
+            )?;
+            let hot = self.cookies(
+                case.backend,
+                &cluster,
+                1,
+                &format!("{workload}-hot-{}.txt", case.id),
+            )?;
+            self.log(&format!(
+                "case {} ({}): started, {} sessions created in {:.1}s",
+                case.id,
+                case.label,
+                sessions + 1,
+                started.elapsed().as_secs_f64()
+            ));
+            running.push(Running {
+                index,
+                case: case.clone(),
+                cluster,
+                many,
+                hot,
+            });
         }
-        self.measure(index, Workload::New, &mut cluster, None)?;
-        drop(cluster);
+        Ok(running)
+    }
 
-        let mut cluster = Cluster::start(&self.tools, case.backend, case.processes, "large")?;
-        let large = self.cookies(
-            case.backend,
-            &cluster,
-            self.cli.large_sessions(),
-            "large.txt",
-        )?;
-        self.measure(index, Workload::Large, &mut cluster, Some(&large))?;
+    /// Every case's servers run side by side (idle ones cost nothing), and each workload is run
+    /// against every case back to back, so that a change of load on the machine shifts a
+    /// workload's cases together instead of skewing the ratios.
+    fn run_all(&mut self, cases: &[(usize, &Case)]) -> Result<()> {
+        let mut running = self.start_all(cases, "small", self.cli.sessions())?;
+        for workload in [Workload::Counter, Workload::Peek, Workload::Hot] {
+            self.log(&format!("workload: {}", workload.short()));
+            for run in &mut running {
+                let cookies = if workload == Workload::Hot {
+                    run.hot.clone()
+                } else {
+                    run.many.clone()
+                };
+                self.measure(run, workload, Some(&cookies))?;
+            }
+        }
+        self.log("lost updates");
+        for run in &mut running {
+            if run.case.backend != Backend::None {
+                let hot = run.hot.clone();
+                self.lost_updates(run, &hot)?;
+            }
+        }
+        self.log(&format!("workload: {}", Workload::New.short()));
+        for run in &mut running {
+            self.measure(run, Workload::New, None)?;
+        }
+        drop(running);
+
+        let mut running = self.start_all(cases, "large", self.cli.large_sessions())?;
+        self.log(&format!("workload: {}", Workload::Large.short()));
+        for run in &mut running {
+            let cookies = run.many.clone();
+            self.measure(run, Workload::Large, Some(&cookies))?;
+        }
         Ok(())
     }
 
     /// 64 connections increment one session for a few seconds: increments applied vs successes.
-    fn lost_updates(&mut self, case: usize, cluster: &mut Cluster, hot: &Path) -> Result<()> {
+    fn lost_updates(&mut self, run: &mut Running, hot: &Path) -> Result<()> {
+        let case = run.index;
+        let cluster = &mut run.cluster;
         let cookie = std::fs::read_to_string(hot)?;
         let cookie = cookie.trim();
         let before = http::peek(cluster.address, cookie)?;
@@ -387,7 +451,8 @@ impl Bench<'_> {
             applied: after.saturating_sub(before),
         };
         self.log(&format!(
-            "  lost updates: {} successes, {} applied, {} lost",
+            "  {:<3} lost updates: {} successes, {} applied, {} lost",
+            run.case.id,
             lost.ok,
             lost.applied,
             lost.ok as i64 - lost.applied as i64
@@ -509,11 +574,7 @@ fn main() -> Result<()> {
         cli.threads,
         cli.connections
     ));
-    for (index, case) in &cases {
-        bench
-            .run_case(*index, case)
-            .with_context(|| format!("case {}: {}", case.id, case.label))?;
-    }
+    bench.run_all(&cases)?;
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

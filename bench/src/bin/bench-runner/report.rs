@@ -162,7 +162,8 @@ pub(crate) fn markdown(results: &Results, chart: &str) -> String {
 `GET /` reads a counter from the session, adds one and writes it back (a new session starts at 1; in the 16 KiB workload \
 a new session also gets a 16 KiB string); `GET /peek` only reads it (mmap-session: `ReadOnlySession`; tower-sessions has no \
 read-only handle, so it uses its `Session`, which saves nothing unchanged). Bare axum runs the handlers over an always-empty session. \
-Load: `wrk -t{} -c{} -d{}s --latency` after a {}s warm-up, a Lua script picking each request's cookie at random from a file of \
+All cases' servers run side by side (idle ones cost nothing) and each workload is run against every case back to back, \
+so a change of load on the machine moves a workload's cases together. Load: `wrk -t{} -c{} -d{}s --latency` after a {}s warm-up, a Lua script picking each request's cookie at random from a file of \
 sessions created through HTTP beforehand (by the process under test for the 1-process cases, through nginx for the others). \
 nginx: `worker_processes {}`, upstream `keepalive 64`, `proxy_http_version 1.1`, `Connection \"\"`, `keepalive_requests 1000000`. \
 Redis 7 and SQLite pools: 4 connections per process; SQLite `journal_mode=WAL`, `synchronous=NORMAL`, file in /tmp like mmap-session's. \

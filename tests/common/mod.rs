@@ -195,6 +195,34 @@ impl Proc {
         self.child.try_wait().ok().flatten()
     }
 
+    /// SIGSTOP (the process alone, not its group), and waits up to `limit` until the kernel shows
+    /// it stopped. False if it did not stop in time (or is gone).
+    pub(crate) async fn suspend(&self, limit: Duration) -> bool {
+        self.signal_process(Signal::SIGSTOP);
+        let deadline = Instant::now() + limit;
+        loop {
+            if process_state(self.child.id()).is_some_and(|state| state == 'T' || state == 't') {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// SIGCONT (the process alone).
+    pub(crate) fn resume(&self) {
+        self.signal_process(Signal::SIGCONT);
+    }
+
+    fn signal_process(&self, signal: Signal) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // An error means the process is already gone.
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+        }
+    }
+
     fn signal(&self, signal: Signal) {
         let Ok(pid) = i32::try_from(self.child.id()) else {
             return;
@@ -314,6 +342,17 @@ fn descendants(root: u32) -> Vec<Pid> {
         .collect()
 }
 
+/// The state letter of process `pid` in `/proc/<pid>/stat` (`R`, `S`, `T` stopped, `Z`...).
+pub(crate) fn process_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
 /// The last `bytes` bytes of a file, as text.
 pub(crate) fn tail(path: &Path, bytes: u64) -> String {
     let Ok(mut file) = File::open(path) else {
@@ -380,11 +419,22 @@ pub(crate) struct Nginx {
 
 impl Nginx {
     pub(crate) fn start(dir: &Path, upstream_ports: &[u16]) -> Self {
+        Self::start_with(dir, upstream_ports, "")
+    }
+
+    /// Like [`Nginx::start`], with extra directives in the proxying `location` (e.g.
+    /// `proxy_next_upstream off;`).
+    pub(crate) fn start_with(
+        dir: &Path,
+        upstream_ports: &[u16],
+        location_directives: &str,
+    ) -> Self {
         let nginx = required_program("nginx", "nginx");
         let prefix = dir.join("nginx");
         fs::create_dir_all(&prefix).expect("create the nginx prefix directory");
         let port = free_port();
         let config = render_nginx_config(NGINX_TEMPLATE, &prefix, port, upstream_ports);
+        let config = with_location_directives(&config, location_directives);
         let config_path = prefix.join("nginx.conf");
         fs::write(&config_path, config).expect("write nginx.conf");
         let mut command = Command::new(nginx);
@@ -432,6 +482,19 @@ pub(crate) fn render_nginx_config(
         .replace("@SERVERS@", &servers)
 }
 
+/// Adds `directives` right after the `proxy_pass` line of a rendered configuration.
+pub(crate) fn with_location_directives(config: &str, directives: &str) -> String {
+    if directives.is_empty() {
+        return config.to_owned();
+    }
+    const ANCHOR: &str = "proxy_pass http://app;";
+    assert!(
+        config.matches(ANCHOR).count() == 1,
+        "the nginx template no longer has exactly one `{ANCHOR}` line"
+    );
+    config.replace(ANCHOR, &format!("{ANCHOR}\n            {directives}"))
+}
+
 /// The `name=value` part of a `Set-Cookie` for the session cookie, if the response sets it.
 pub(crate) fn session_set_cookie(response: &reqwest::Response) -> Option<String> {
     response
@@ -451,6 +514,8 @@ pub(crate) struct Reply {
     pub(crate) count: Option<(u64, u32)>,
     /// The full `Set-Cookie` for the session, if any.
     pub(crate) set_cookie: Option<String>,
+    /// The `Retry-After` header, if any.
+    pub(crate) retry_after: Option<String>,
 }
 
 /// Sends `method path` with `cookie` (a `name=value` pair) and parses the counter's JSON answer.
@@ -467,6 +532,11 @@ pub(crate) async fn counter_request(
     let response = request.send().await?;
     let status = response.status();
     let set_cookie = session_set_cookie(&response);
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
     let body = response.bytes().await?;
     let count = if status == StatusCode::OK {
         serde_json::from_slice::<Value>(&body)
@@ -483,6 +553,7 @@ pub(crate) async fn counter_request(
         status,
         count,
         set_cookie,
+        retry_after,
     })
 }
 
@@ -514,6 +585,11 @@ impl Chance {
             .map(|d| d.as_nanos())
             .unwrap_or(1);
         Self((nanos as u64) | 1)
+    }
+
+    /// A generator seeded with `seed` (e.g. one drawn from another generator).
+    pub(crate) fn from_seed(seed: u64) -> Self {
+        Self(seed | 1)
     }
 
     pub(crate) fn seed(&self) -> u64 {
@@ -548,10 +624,24 @@ impl Cluster {
     /// Starts `copies` copies of the example `name` (with `--insecure-cookies` and `extra_args`)
     /// and nginx in front of them, and waits until all answer.
     pub(crate) async fn start(name: &str, copies: usize, extra_args: &[&str]) -> Self {
+        Self::start_with(name, copies, extra_args, "", |_| {}).await
+    }
+
+    /// Like [`Cluster::start`], with extra directives for nginx's proxying `location` (see
+    /// [`Nginx::start_with`]) and a `prepare` step that gets the session file's path before any
+    /// process starts (to create the file with options of the test's choosing).
+    pub(crate) async fn start_with(
+        name: &str,
+        copies: usize,
+        extra_args: &[&str],
+        nginx_directives: &str,
+        prepare: impl FnOnce(&Path),
+    ) -> Self {
         let example = example(name);
         let dir = tempfile::tempdir().expect("create a temporary directory");
+        prepare(&dir.path().join("sessions"));
         let ports: Vec<u16> = (0..copies).map(|_| free_port()).collect();
-        let nginx = Nginx::start(dir.path(), &ports);
+        let nginx = Nginx::start_with(dir.path(), &ports, nginx_directives);
         let mut cluster = Self {
             client: http_client(),
             nginx,
@@ -612,6 +702,11 @@ impl Cluster {
         format!("{}{path}", self.nginx.url())
     }
 
+    /// URL of `path` on copy `index` directly, bypassing nginx.
+    pub(crate) fn server_url(&self, index: usize, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports[index])
+    }
+
     /// Pids of the running copies.
     pub(crate) fn pids(&self) -> Vec<u32> {
         self.servers.iter().flatten().map(Proc::pid).collect()
@@ -619,6 +714,11 @@ impl Cluster {
 
     pub(crate) fn copies(&self) -> usize {
         self.servers.len()
+    }
+
+    /// The running copy `index`, if it is running (not killed, not stopped by `stop_all`).
+    pub(crate) fn server(&mut self, index: usize) -> Option<&mut Proc> {
+        self.servers[index].as_mut()
     }
 
     /// Kills copy `index` with SIGKILL.

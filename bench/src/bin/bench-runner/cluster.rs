@@ -172,8 +172,18 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Asks every process of the case to stop, proxy first, without waiting.
+    pub(crate) fn terminate(&mut self) {
+        self.nginx.iter_mut().for_each(Proc::terminate);
+        self.servers.iter_mut().for_each(Proc::terminate);
+        self.redis.iter_mut().for_each(Proc::terminate);
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.terminate();
         self.nginx = None;
         self.servers.clear();
         self.redis = None;

@@ -418,7 +418,7 @@ impl Bench<'_> {
         for run in &mut running {
             self.measure(run, Workload::New, None)?;
         }
-        drop(running);
+        stop(running);
 
         let mut running = self.start_all(cases, "large", self.cli.large_sessions())?;
         self.log(&format!("workload: {}", Workload::Large.short()));
@@ -426,6 +426,7 @@ impl Bench<'_> {
             let cookies = run.many.clone();
             self.measure(run, Workload::Large, Some(&cookies))?;
         }
+        stop(running);
         Ok(())
     }
 
@@ -459,6 +460,24 @@ impl Bench<'_> {
         ));
         self.lost.push(lost);
         Ok(())
+    }
+}
+
+/// Stops every case at once (each waits for its own processes when dropped).
+fn stop(mut running: Vec<Running>) {
+    for run in &mut running {
+        run.cluster.terminate();
+    }
+    for run in running {
+        let started = Instant::now();
+        let id = run.case.id;
+        drop(run);
+        if started.elapsed() > Duration::from_secs(1) {
+            eprintln!(
+                "stopping case {id} took {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
 }
 

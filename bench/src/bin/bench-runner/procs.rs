@@ -160,6 +160,17 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Asks the process group to stop without waiting (drop waits), so that many stop at once.
+    pub(crate) fn terminate(&mut self) {
+        if let Ok(raw) = i32::try_from(self.child.id()) {
+            if self.child.try_wait().ok().flatten().is_none() {
+                let _ = killpg(Pid::from_raw(raw), Signal::SIGTERM);
+            }
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let Ok(raw) = i32::try_from(self.child.id()) else {
@@ -168,9 +179,17 @@ impl Drop for Proc {
         let group = Pid::from_raw(raw);
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = killpg(group, Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let started = Instant::now();
+            let deadline = started + Duration::from_secs(5);
             while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
+            }
+            if started.elapsed() > Duration::from_secs(1) {
+                eprintln!(
+                    "{} took {:.1}s to stop after SIGTERM",
+                    self.name,
+                    started.elapsed().as_secs_f64()
+                );
             }
         }
         // Whatever is left of the group (nginx workers, a stuck server) goes now.

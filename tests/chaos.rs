@@ -1223,8 +1223,6 @@ async fn soak(chaos_for: Duration) {
 /// does every later request of that session to this process, until another process touches the
 /// session. (`Store::lease_blocking` takes the same lease over within milliseconds.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "reproduces a store bug (async lease of a dead holder from the same slot waits out \
-            the lease wait): remove once fixed"]
 async fn a_restarted_process_takes_over_the_lease_its_slot_predecessor_died_holding() {
     bounded(Duration::from_secs(180), async {
         let lease_args = lease_args();

@@ -440,7 +440,14 @@ impl Shared {
         let state = self
             .map
             .load_u64(self.entry_off(pos) + E_STATE, Ordering::SeqCst);
-        state.is_some_and(|s| holder(s) != 0 && token_slot(holder(s)) == self.slot)
+        // A token naming our slot may be a dead predecessor's: only a token this process issued
+        // will be released (or handed over) here.
+        state.is_some_and(|s| {
+            let token = holder(s);
+            token != 0
+                && token_slot(token) == self.slot
+                && self.holder_alive(token).unwrap_or(false)
+        })
     }
 
     fn new_token(&self) -> u32 {

@@ -84,8 +84,12 @@ pub(crate) fn svg(results: &Results) -> String {
     );
     let _ = writeln!(
         svg,
-        r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14" font-weight="bold">mmap-session vs bare axum vs tower-sessions: wrk -t{} -c{}, {} s per run, {} CPUs, same run</text>"#,
-        results.cli.threads, results.cli.connections, results.duration_s, results.machine.nproc
+        r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14" font-weight="bold">mmap-session vs bare axum vs tower-sessions: wrk -t{} -c{}, median of {} × {} s, {} CPUs, one run</text>"#,
+        results.cli.threads,
+        results.cli.connections,
+        results.rounds,
+        results.duration_s,
+        results.machine.nproc
     );
     for (left, (max, step), title) in panels {
         let _ = writeln!(

@@ -36,9 +36,13 @@ pub(crate) struct Cli {
     /// A ~3 minute smoke run: shorter runs and fewer sessions (BENCHMARKS.md is left alone).
     #[arg(long)]
     quick: bool,
-    /// Seconds of each measured run (default 8, or 3 with --quick).
+    /// Seconds of each measured run (default 4, or 3 with --quick).
     #[arg(long)]
     duration: Option<u64>,
+    /// Measured runs per case and workload, interleaved across the cases; the median is
+    /// reported (default 3, or 1 with --quick).
+    #[arg(long)]
+    rounds: Option<u32>,
     /// Seconds of the warm-up before each measured run (default 2, or 1 with --quick).
     #[arg(long)]
     warmup: Option<u64>,
@@ -82,7 +86,10 @@ pub(crate) struct Cli {
 
 impl Cli {
     fn duration(&self) -> Duration {
-        Duration::from_secs(self.duration.unwrap_or(if self.quick { 3 } else { 8 }))
+        Duration::from_secs(self.duration.unwrap_or(if self.quick { 3 } else { 4 }))
+    }
+    fn rounds(&self) -> u32 {
+        self.rounds.unwrap_or(if self.quick { 1 } else { 3 }).max(1)
     }
     fn warmup(&self) -> Duration {
         Duration::from_secs(self.warmup.unwrap_or(if self.quick { 1 } else { 2 }))
@@ -200,11 +207,21 @@ impl Workload {
 pub(crate) struct Measurement {
     pub(crate) case: usize,
     pub(crate) workload: Workload,
+    /// The round with the median req/s.
     pub(crate) wrk: wrk::WrkResult,
+    /// req/s of every round, lowest first.
+    pub(crate) rounds_rps: Vec<f64>,
     /// Server-side CPU time per request, µs: the application processes.
     pub(crate) cpu_app_us: f64,
     /// The same for nginx and redis-server.
     pub(crate) cpu_aux_us: f64,
+}
+
+/// One measured run.
+struct Sample {
+    wrk: wrk::WrkResult,
+    app_ticks: u64,
+    aux_ticks: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -239,6 +256,7 @@ pub(crate) struct Results {
     pub(crate) cli: Cli,
     pub(crate) command: String,
     pub(crate) duration_s: u64,
+    pub(crate) rounds: u32,
     pub(crate) warmup_s: u64,
     pub(crate) sessions: usize,
     pub(crate) large_sessions: usize,
@@ -276,13 +294,15 @@ impl Bench<'_> {
     }
 
     /// Warm-up, then one measured wrk run with the server-side CPU time around it.
-    fn measure(
-        &mut self,
-        run: &mut Running,
-        workload: Workload,
-        cookies: Option<&Path>,
-    ) -> Result<()> {
-        let case = run.index;
+    /// One measured wrk run (after a warm-up when `warm_up`), with the server-side CPU time around
+    /// it.
+    fn sample(&mut self, run: &mut Running, workload: Workload, warm_up: bool) -> Result<Sample> {
+        let cookies = match workload {
+            Workload::Hot => Some(run.hot.clone()),
+            Workload::New => None,
+            Workload::Peek | Workload::Counter | Workload::Large => Some(run.many.clone()),
+        };
+        let cookies = cookies.as_deref();
         let cluster = &mut run.cluster;
         let path = if workload == Workload::Peek {
             "/peek"
@@ -290,36 +310,73 @@ impl Bench<'_> {
             "/"
         };
         let url = format!("http://{}{path}", cluster.address);
-        if !self.cli.warmup().is_zero() {
+        if warm_up && !self.cli.warmup().is_zero() {
             self.wrk.run(&url, self.cli.warmup(), cookies)?;
         }
         let pids = cluster.pids();
         let app_before = total_ticks(&pids.app)?;
         let aux_before = total_ticks(&pids.aux)?;
-        let result = self.wrk.run(&url, self.cli.duration(), cookies)?;
-        let app = total_ticks(&pids.app)?.saturating_sub(app_before);
-        let aux = total_ticks(&pids.aux)?.saturating_sub(aux_before);
+        let wrk = self.wrk.run(&url, self.cli.duration(), cookies)?;
+        let app_ticks = total_ticks(&pids.app)?.saturating_sub(app_before);
+        let aux_ticks = total_ticks(&pids.aux)?.saturating_sub(aux_before);
         cluster.check_alive()?;
-        let per_request =
-            |ticks: u64| ticks as f64 * 1e6 / self.ticks / result.requests.max(1) as f64;
-        let measurement = Measurement {
-            case,
-            workload,
-            cpu_app_us: per_request(app),
-            cpu_aux_us: per_request(aux),
-            wrk: result,
-        };
+        let cpu = (app_ticks + aux_ticks) as f64 * 1e6 / self.ticks / wrk.requests.max(1) as f64;
         self.log(&format!(
-            "  {:<3} {:<26} {:>9.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  cpu {:>6.1} µs/req  errors {}",
+            "  {:<3} {:<26} {:>9.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  cpu {cpu:>6.1} µs/req  errors {}",
             run.case.id,
             workload.short(),
-            measurement.wrk.requests_per_second(),
-            measurement.wrk.p50_us as f64 / 1000.0,
-            measurement.wrk.p99_us as f64 / 1000.0,
-            measurement.cpu_app_us + measurement.cpu_aux_us,
-            measurement.wrk.status_errors + measurement.wrk.socket_errors,
+            wrk.requests_per_second(),
+            wrk.p50_us as f64 / 1000.0,
+            wrk.p99_us as f64 / 1000.0,
+            wrk.status_errors + wrk.socket_errors,
         ));
-        self.measurements.push(measurement);
+        Ok(Sample {
+            wrk,
+            app_ticks,
+            aux_ticks,
+        })
+    }
+
+    /// Runs `workload` against every case, round after round (a warm-up before each case's
+    /// first round), and keeps for each case the round with the median req/s; CPU per request is
+    /// over all rounds.
+    fn run_workload(&mut self, running: &mut [Running], workload: Workload) -> Result<()> {
+        let mut samples: Vec<Vec<Sample>> = running.iter().map(|_| Vec::new()).collect();
+        for round in 0..self.cli.rounds() {
+            self.log(&format!(
+                "workload: {}, round {}/{}",
+                workload.short(),
+                round + 1,
+                self.cli.rounds()
+            ));
+            for (run, samples) in running.iter_mut().zip(&mut samples) {
+                samples.push(self.sample(run, workload, round == 0)?);
+            }
+        }
+        for (run, mut samples) in running.iter().zip(samples) {
+            let requests: u64 = samples.iter().map(|s| s.wrk.requests).sum();
+            let per_request = |ticks: u64| ticks as f64 * 1e6 / self.ticks / requests.max(1) as f64;
+            let cpu_app_us = per_request(samples.iter().map(|s| s.app_ticks).sum());
+            let cpu_aux_us = per_request(samples.iter().map(|s| s.aux_ticks).sum());
+            samples.sort_by(|a, b| {
+                a.wrk
+                    .requests_per_second()
+                    .total_cmp(&b.wrk.requests_per_second())
+            });
+            let rounds_rps = samples
+                .iter()
+                .map(|s| s.wrk.requests_per_second())
+                .collect();
+            let median = samples.swap_remove(samples.len() / 2);
+            self.measurements.push(Measurement {
+                case: run.index,
+                workload,
+                wrk: median.wrk,
+                rounds_rps,
+                cpu_app_us,
+                cpu_aux_us,
+            });
+        }
         Ok(())
     }
 
@@ -397,15 +454,7 @@ impl Bench<'_> {
     fn run_all(&mut self, cases: &[(usize, &Case)]) -> Result<()> {
         let mut running = self.start_all(cases, "small", self.cli.sessions())?;
         for workload in [Workload::Counter, Workload::Peek, Workload::Hot] {
-            self.log(&format!("workload: {}", workload.short()));
-            for run in &mut running {
-                let cookies = if workload == Workload::Hot {
-                    run.hot.clone()
-                } else {
-                    run.many.clone()
-                };
-                self.measure(run, workload, Some(&cookies))?;
-            }
+            self.run_workload(&mut running, workload)?;
         }
         self.log("lost updates");
         for run in &mut running {
@@ -414,18 +463,11 @@ impl Bench<'_> {
                 self.lost_updates(run, &hot)?;
             }
         }
-        self.log(&format!("workload: {}", Workload::New.short()));
-        for run in &mut running {
-            self.measure(run, Workload::New, None)?;
-        }
+        self.run_workload(&mut running, Workload::New)?;
         stop(running);
 
         let mut running = self.start_all(cases, "large", self.cli.large_sessions())?;
-        self.log(&format!("workload: {}", Workload::Large.short()));
-        for run in &mut running {
-            let cookies = run.many.clone();
-            self.measure(run, Workload::Large, Some(&cookies))?;
-        }
+        self.run_workload(&mut running, Workload::Large)?;
         stop(running);
         Ok(())
     }
@@ -586,8 +628,9 @@ fn main() -> Result<()> {
         lost: Vec::new(),
     };
     bench.log(&format!(
-        "{} cases, {}s runs after {}s warm-up, wrk -t{} -c{}; load {load_before}",
+        "{} cases, {} rounds of {}s runs after {}s warm-up, wrk -t{} -c{}; load {load_before}",
         cases.len(),
+        cli.rounds(),
         cli.duration().as_secs(),
         cli.warmup().as_secs(),
         cli.threads,
@@ -611,6 +654,7 @@ fn main() -> Result<()> {
             "cargo run --release --manifest-path bench/Cargo.toml --bin bench-runner".into()
         },
         duration_s: cli.duration().as_secs(),
+        rounds: cli.rounds(),
         warmup_s: cli.warmup().as_secs(),
         sessions: cli.sessions(),
         large_sessions: cli.large_sessions(),

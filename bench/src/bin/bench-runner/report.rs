@@ -163,7 +163,9 @@ pub(crate) fn markdown(results: &Results, chart: &str) -> String {
 a new session also gets a 16 KiB string); `GET /peek` only reads it (mmap-session: `ReadOnlySession`; tower-sessions has no \
 read-only handle, so it uses its `Session`, which saves nothing unchanged). Bare axum runs the handlers over an always-empty session. \
 All cases' servers run side by side (idle ones cost nothing) and each workload is run against every case back to back, \
-so a change of load on the machine moves a workload's cases together. Load: `wrk -t{} -c{} -d{}s --latency` after a {}s warm-up, a Lua script picking each request's cookie at random from a file of \
+so a change of load on the machine moves a workload's cases together; each workload is run over all cases {} times (rounds), and \
+each cell shows the round with the median req/s (its p50 and p99), the range of req/s over the rounds, and CPU per request over \
+all rounds. Load: `wrk -t{} -c{} -d{}s --latency` (a {}s warm-up before a case's first round), a Lua script picking each request's cookie at random from a file of \
 sessions created through HTTP beforehand (by the process under test for the 1-process cases, through nginx for the others). \
 nginx: `worker_processes {}`, upstream `keepalive 64`, `proxy_http_version 1.1`, `Connection \"\"`, `keepalive_requests 1000000`. \
 Redis 7 and SQLite pools: 4 connections per process; SQLite `journal_mode=WAL`, `synchronous=NORMAL`, file in /tmp like mmap-session's. \
@@ -173,6 +175,7 @@ and do not compile against 0.15 (both versions are linked side by side through c
 Server CPU is utime+stime from `/proc/<pid>/stat` of the server processes (and nginx master and workers, and redis-server) \
 around the measured run, divided by the requests wrk completed; wrk's own CPU is not in it. On a 2-core machine wrk, nginx and the \
 servers share the cores, so req/s measures the whole system; CPU per request is the fairer measure of the server's own cost.\n",
+        results.rounds,
         results.cli.threads,
         results.cli.connections,
         results.duration_s,
@@ -214,7 +217,7 @@ servers share the cores, so req/s measures the whole system; CPU per request is 
         );
         let _ = writeln!(
             md,
-            "| case | req/s | p50 ms | p99 ms | server CPU µs/req (app + nginx/redis) | × bare axum (same topology) | × case 4 (ts MemoryStore) | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+            "| case | req/s (median) | req/s range | p50 ms | p99 ms | server CPU µs/req (app + nginx/redis) | × bare axum (same topology) | × case 4 (ts MemoryStore) | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for (index, case) in CASES.iter().enumerate() {
             let Some(m) = results
@@ -241,10 +244,11 @@ servers share the cores, so req/s measures the whole system; CPU per request is 
             };
             let _ = writeln!(
                 md,
-                "| {} {} | {} | {} | {} | {cpu} | {} | {} | {} |",
+                "| {} {} | {} | {} | {} | {} | {cpu} | {} | {} | {} |",
                 case.id,
                 case.label,
                 thousands(rps(m)),
+                range(&m.rounds_rps),
                 ms(m.wrk.p50_us),
                 ms(m.wrk.p99_us),
                 versus(bare_of(case.processes)),
@@ -290,6 +294,16 @@ in flight then may still be applied by the server, so \"applied\" can exceed \"s
         results.cli.connections
     );
     md
+}
+
+/// `41k–45k` over the rounds (one round: empty).
+fn range(rounds: &[f64]) -> String {
+    match (rounds.first(), rounds.last()) {
+        (Some(low), Some(high)) if rounds.len() > 1 => {
+            format!("{:.1}k–{:.1}k", low / 1000.0, high / 1000.0)
+        }
+        _ => String::new(),
+    }
 }
 
 fn capitalise(text: &str) -> String {

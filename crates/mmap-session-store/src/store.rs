@@ -280,6 +280,29 @@ impl Store {
         None
     }
 
+    /// Whether `key` has a record that has not expired, without copying or verifying it (a
+    /// cheap pre-check; [`Store::get`] or a lease's read verifies the record itself).
+    pub fn contains(&self, key: &[u8]) -> bool {
+        let s = &self.shared;
+        let kh = KeyHash::new(key);
+        let Some(pos) = s.lookup(&kh) else {
+            return false;
+        };
+        let Some(state) = s
+            .map
+            .load_u64(s.entry_off(pos) + E_STATE, Ordering::Acquire)
+        else {
+            return false;
+        };
+        let block = state_block(state);
+        if block == 0 || s.block_class(block).is_none() {
+            return false;
+        }
+        s.map
+            .load_u64(block as u64 * REF_UNIT + R_EXPIRES, Ordering::Relaxed)
+            .is_some_and(|expires| expires > now_ms())
+    }
+
     /// Takes the busy lease of `key` if nobody holds it, without waiting.
     pub fn try_lease(&self, key: &[u8]) -> Result<Option<Lease>, StoreError> {
         let s = &self.shared;

@@ -92,6 +92,14 @@ pub trait SessionBackend: Send + Sync + 'static {
         &self,
         key: &[u8],
     ) -> impl Future<Output = Result<Option<StoredRecord>, BackendError>> + Send;
+
+    /// Whether `key` has a live record, without the lease (the layer asks before leasing the id
+    /// of a cookie, so that unknown ids never take a lease). The default reads the record;
+    /// backends can answer more cheaply.
+    fn exists(&self, key: &[u8]) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        let read = self.get_unleased(key);
+        async move { Ok(read.await?.is_some()) }
+    }
 }
 
 /// A held busy lease on one key.
@@ -125,6 +133,10 @@ impl SessionBackend for Store {
 
     async fn lease(&self, key: &[u8], deadline: Instant) -> Result<Lease, BackendError> {
         Ok(Store::lease(self, key, deadline).await?)
+    }
+
+    async fn exists(&self, key: &[u8]) -> Result<bool, BackendError> {
+        Ok(Store::contains(self, key))
     }
 
     async fn get_unleased(&self, key: &[u8]) -> Result<Option<StoredRecord>, BackendError> {
@@ -171,6 +183,8 @@ pub(crate) trait DynBackend: Send + Sync + 'static {
         &'a self,
         key: &'a [u8],
     ) -> BoxFuture<'a, Result<Option<StoredRecord>, BackendError>>;
+
+    fn exists_dyn<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<bool, BackendError>>;
 }
 
 impl<B: SessionBackend> DynBackend for B {
@@ -190,6 +204,10 @@ impl<B: SessionBackend> DynBackend for B {
         key: &'a [u8],
     ) -> BoxFuture<'a, Result<Option<StoredRecord>, BackendError>> {
         Box::pin(SessionBackend::get_unleased(self, key))
+    }
+
+    fn exists_dyn<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<bool, BackendError>> {
+        Box::pin(SessionBackend::exists(self, key))
     }
 }
 

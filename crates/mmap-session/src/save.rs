@@ -117,7 +117,12 @@ fn encode_checked(
 async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, SessionError> {
     let config = &shared.config;
     // Fail on a cookie configuration that cannot be sent before writing anything.
-    cookies::removal_cookie(config).map_err(invalid_config)?;
+    if !*shared
+        .cookie_config_ok
+        .get_or_init(|| cookies::removal_cookie(config).is_ok())
+    {
+        cookies::removal_cookie(config).map_err(invalid_config)?;
+    }
     let now = SystemTime::now();
     let Loaded {
         found,

@@ -20,6 +20,8 @@ use crate::read_only::ReadOnlySession;
 pub(crate) struct Shared {
     pub(crate) backend: Arc<dyn DynBackend>,
     pub(crate) config: Config,
+    /// Whether the cookie configuration can be written as a header; checked once, not per save.
+    pub(crate) cookie_config_ok: std::sync::OnceLock<bool>,
 }
 
 impl fmt::Debug for Shared {
@@ -188,9 +190,9 @@ impl SessionInner {
         let backend = &self.shared.backend;
         let hash = id.short_hash();
         // A lock-free look first: a cookie that names no live session takes no lease at all.
-        match backend.get_unleased_dyn(id.as_bytes()).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
+        match backend.exists_dyn(id.as_bytes()).await {
+            Ok(true) => {}
+            Ok(false) => {
                 tracing::debug!(session = %hash, "the cookie names no live session; starting a new one");
                 return Ok(None);
             }

@@ -57,12 +57,15 @@ impl SessionLayer {
             shared: Arc::new(Shared {
                 backend: Arc::new(backend),
                 config: Config::default(),
+                cookie_config_ok: std::sync::OnceLock::new(),
             }),
         }
     }
 
     fn config(&mut self) -> &mut Config {
-        &mut Arc::make_mut(&mut self.shared).config
+        let shared = Arc::make_mut(&mut self.shared);
+        shared.cookie_config_ok = std::sync::OnceLock::new();
+        &mut shared.config
     }
 
     /// Name of the session cookie (default `session`).

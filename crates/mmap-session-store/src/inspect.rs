@@ -103,16 +103,9 @@ impl Store {
         let now = now_ms();
         let mut removed = 0;
         for pos in 0..s.g.index_entries {
-            let Some(st) = s
-                .map
-                .load_u64(s.entry_off(pos) + E_STATE, Ordering::Acquire)
-            else {
-                break;
-            };
-            let block = state_block(st);
-            if holder(st) != 0 || block == 0 || s.block_class(block).is_none() {
+            let Some((st, block, _)) = s.idle_record(pos) else {
                 continue;
-            }
+            };
             let expires = s
                 .map
                 .load_u64(block as u64 * REF_UNIT + R_EXPIRES, Ordering::Relaxed);

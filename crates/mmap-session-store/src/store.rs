@@ -1094,16 +1094,9 @@ impl Shared {
         let mut seen = 0;
         for i in 0..SAMPLE {
             let pos = hand.wrapping_add(i) & (self.g.index_entries - 1);
-            let Some(st) = self
-                .map
-                .load_u64(self.entry_off(pos) + E_STATE, Ordering::Acquire)
-            else {
+            let Some((st, block, _)) = self.idle_record(pos).filter(|r| r.2 == class) else {
                 continue;
             };
-            let block = state_block(st);
-            if holder(st) != 0 || block == 0 || self.block_class(block) != Some(class) {
-                continue;
-            }
             let at = block as u64 * REF_UNIT;
             let expires = self
                 .map
@@ -1127,6 +1120,19 @@ impl Shared {
         best.is_some_and(|(_, pos, st)| self.remove_idle(pos, st, S_EVICTIONS))
     }
 
+    /// The state word and block of entry `pos` if it holds a valid record and nobody leases it:
+    /// what the sweep, eviction and the operator's purge look for.
+    pub(crate) fn idle_record(&self, pos: u64) -> Option<(u64, u32, usize)> {
+        let st = self
+            .map
+            .load_u64(self.entry_off(pos) + E_STATE, Ordering::Acquire)?;
+        let block = state_block(st);
+        if holder(st) != 0 || block == 0 {
+            return None;
+        }
+        Some((st, block, self.block_class(block)?))
+    }
+
     /// Reclaims expired idle records among the next `n` entries of the sweep hand; called on
     /// each commit so expired space comes back without any full scan.
     pub(crate) fn sweep(&self, n: u64) {
@@ -1134,16 +1140,9 @@ impl Shared {
         let now = now_ms();
         for i in 0..n {
             let pos = hand.wrapping_add(i) & (self.g.index_entries - 1);
-            let Some(st) = self
-                .map
-                .load_u64(self.entry_off(pos) + E_STATE, Ordering::Acquire)
-            else {
+            let Some((st, block, _)) = self.idle_record(pos) else {
                 continue;
             };
-            let block = state_block(st);
-            if holder(st) != 0 || block == 0 || self.block_class(block).is_none() {
-                continue;
-            }
             let expires = self
                 .map
                 .load_u64(block as u64 * REF_UNIT + R_EXPIRES, Ordering::Relaxed);

@@ -27,7 +27,10 @@ fn a_committed_value_is_read_back_by_get_and_by_the_next_lease() {
     assert!(!store.contains(b"k"));
     let mut lease = store.lease_blocking(b"k", soon()).unwrap();
     assert_eq!(lease.read(), None);
-    assert!(!store.contains(b"k"), "a leased key without a record has no record");
+    assert!(
+        !store.contains(b"k"),
+        "a leased key without a record has no record"
+    );
     lease.commit(b"hello", later()).unwrap();
     assert!(store.contains(b"k"));
     assert_eq!(lease.read().unwrap().value, b"hello");

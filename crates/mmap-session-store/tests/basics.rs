@@ -274,7 +274,11 @@ fn a_full_store_evicts_the_least_recently_used_idle_record_then_reports_full() {
     assert!(held.len() >= 10, "{}", held.len());
     // Release them all; touch record 0 again so it is not the least recently used.
     drop(held);
-    std::thread::sleep(Duration::from_millis(5));
+    // Last-used stamps have millisecond resolution: let the clock move on before touching.
+    let released = SystemTime::now();
+    while SystemTime::now() < released + Duration::from_millis(2) {
+        std::thread::yield_now();
+    }
     drop(store.lease_blocking(&0u32.to_le_bytes(), soon()).unwrap());
     let mut lease = store.lease_blocking(b"new", soon()).unwrap();
     lease.commit(&value, later()).unwrap();

@@ -28,17 +28,11 @@ pub struct Lease {
 impl Lease {
     pub(crate) fn new(store: Store, pos: u64, token: u32, key: KeyHash) -> Lease {
         let state_off = store.shared.entry_off(pos) + E_STATE;
-        Lease {
-            store,
-            state_off,
-            token,
-            key,
-            released: false,
-        }
+        Lease::from_parts(store, state_off, token, key)
     }
 
-    /// A lease passed on from another holder of this process (same token).
-    #[cfg(feature = "tokio")]
+    /// A lease on the state word at `state_off` held by `token` (also used to pass a lease on
+    /// to another task of this process, with the same token).
     pub(crate) fn from_parts(store: Store, state_off: u64, token: u32, key: KeyHash) -> Lease {
         Lease {
             store,

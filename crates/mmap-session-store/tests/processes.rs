@@ -84,9 +84,10 @@ struct Worker {
     reader: std::thread::JoinHandle<()>,
 }
 
-/// Starts a child; each acknowledged increment is sent on `acks` as the key number.
-fn spawn(path: &Path, rounds: u64, seed: u64, acks: mpsc::Sender<u64>) -> Worker {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+/// This test binary, run as a child on the store at `path` (see `child_process_entry`).
+fn child(path: &Path) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
         .args([
             "--exact",
             "child_process_entry",
@@ -94,7 +95,13 @@ fn spawn(path: &Path, rounds: u64, seed: u64, acks: mpsc::Sender<u64>) -> Worker
             "--test-threads",
             "1",
         ])
-        .env("MMAP_STORE_CHILD", path)
+        .env("MMAP_STORE_CHILD", path);
+    command
+}
+
+/// Starts a child; each acknowledged increment is sent on `acks` as the key number.
+fn spawn(path: &Path, rounds: u64, seed: u64, acks: mpsc::Sender<u64>) -> Worker {
+    let mut child = child(path)
         .env("ROUNDS", rounds.to_string())
         .env("SEED", seed.to_string())
         .stdout(Stdio::piped())
@@ -293,15 +300,7 @@ fn a_lease_left_by_a_dead_process_is_taken_over_even_when_its_slot_is_reused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     let first = Store::open_with(&path, options()).unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_process_entry",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("MMAP_STORE_CHILD", &path)
+    let mut child = child(&path)
         .env("HOLD_KEY", "held-by-the-dead")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

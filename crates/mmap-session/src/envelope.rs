@@ -103,7 +103,12 @@ pub(crate) fn encoded_len(
 }
 
 pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, serde_json::Error> {
-    let envelope: EnvelopeOwned = serde_json::from_slice(bytes)?;
+    // A JSON text is UTF-8 (RFC 8259). serde_json checks that only in the strings it keeps, not in
+    // fields it skips, so a record with stray bytes in an unknown field would otherwise decode.
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        <serde_json::Error as serde::de::Error>::custom(format_args!("record is not UTF-8: {e}"))
+    })?;
+    let envelope: EnvelopeOwned = serde_json::from_str(text)?;
     Ok(Decoded {
         data: envelope.data,
         expiry: envelope.expiry.map(Expiry::from),
@@ -157,5 +162,16 @@ mod tests {
         assert!(decode(b"").is_err());
         assert!(decode(b"[1,2]").is_err());
         assert!(decode(b"{\"d\": 5}").is_err());
+    }
+
+    #[test]
+    fn a_record_with_bytes_that_are_not_utf8_in_an_unknown_field_does_not_decode() {
+        // Found by the `record` fuzz target: serde_json skips unknown fields without checking
+        // their strings, so this decoded as a session with n = 2.
+        let mut bytes = b"{\"d\":{\"n\":2},\"xd\":{\"i".to_vec();
+        bytes.extend_from_slice(&[0xd6; 14]);
+        bytes.extend_from_slice(b"\":90000}}");
+        assert!(decode(&bytes).is_err());
+        assert!(decode(b"{\"d\":{\"n\":2},\"xd\":{\"i\":90000}}").is_ok());
     }
 }

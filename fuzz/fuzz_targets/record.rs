@@ -55,8 +55,8 @@ fn run(data: &[u8]) {
         "{status} for record {:?}",
         String::from_utf8_lossy(record)
     );
-    // Surely not an envelope: not JSON, not an object, or no object under "d" (a duplicate
-    // "d" cannot help: the envelope decoder refuses duplicate fields).
+    // Surely not an envelope: not JSON, not an object, or no object under "d" (with a
+    // duplicate "d", the last one counts, here and in the layer's decoder).
     let undecodable = match serde_json::from_slice::<serde_json::Value>(record) {
         Ok(v) => !v.get("d").is_some_and(serde_json::Value::is_object),
         Err(_) => true,

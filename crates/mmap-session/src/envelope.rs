@@ -61,14 +61,6 @@ struct EnvelopeRef<'a> {
     expiry: Option<StoredExpiry>,
 }
 
-#[derive(Deserialize)]
-struct EnvelopeOwned {
-    #[serde(rename = "d")]
-    data: Map<String, Value>,
-    #[serde(rename = "x", default)]
-    expiry: Option<StoredExpiry>,
-}
-
 /// A decoded session.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct Decoded {
@@ -103,16 +95,26 @@ pub(crate) fn encoded_len(
 }
 
 pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, serde_json::Error> {
-    // A JSON text is UTF-8 (RFC 8259). serde_json checks that only in the strings it keeps, not in
-    // fields it skips, so a record with stray bytes in an unknown field would otherwise decode.
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        <serde_json::Error as serde::de::Error>::custom(format_args!("record is not UTF-8: {e}"))
-    })?;
-    let envelope: EnvelopeOwned = serde_json::from_str(text)?;
+    // The whole record is parsed, fields this version does not know included. serde_json checks
+    // less in fields it skips (their bytes need not be UTF-8, their escapes need not be valid,
+    // their nesting has no limit), so skipping them would accept records that are not JSON.
+    let mut fields: Map<String, Value> = serde_json::from_slice(bytes)?;
+    let data = match fields.remove("d") {
+        Some(Value::Object(data)) => data,
+        _ => return Err(invalid("no session map under \"d\"")),
+    };
+    let expiry = match fields.remove("x") {
+        Some(stored) => serde_json::from_value::<Option<StoredExpiry>>(stored)?,
+        None => None,
+    };
     Ok(Decoded {
-        data: envelope.data,
-        expiry: envelope.expiry.map(Expiry::from),
+        data,
+        expiry: expiry.map(Expiry::from),
     })
+}
+
+fn invalid(what: &str) -> serde_json::Error {
+    <serde_json::Error as serde::de::Error>::custom(what)
 }
 
 struct Counter(usize);
@@ -165,13 +167,25 @@ mod tests {
     }
 
     #[test]
-    fn a_record_with_bytes_that_are_not_utf8_in_an_unknown_field_does_not_decode() {
-        // Found by the `record` fuzz target: serde_json skips unknown fields without checking
-        // their strings, so this decoded as a session with n = 2.
-        let mut bytes = b"{\"d\":{\"n\":2},\"xd\":{\"i".to_vec();
-        bytes.extend_from_slice(&[0xd6; 14]);
-        bytes.extend_from_slice(b"\":90000}}");
-        assert!(decode(&bytes).is_err());
-        assert!(decode(b"{\"d\":{\"n\":2},\"xd\":{\"i\":90000}}").is_ok());
+    fn an_unknown_field_is_kept_out_of_the_session_but_must_be_json() {
+        let known = decode(b"{\"d\":{\"n\":2},\"xd\":{\"i\":90000},\"x\":null}").unwrap();
+        assert_eq!(known.data.get("n"), Some(&Value::from(2)));
+        assert_eq!(known.data.len(), 1);
+        assert_eq!(known.expiry, None);
+
+        // Found by the `record` fuzz target: serde_json skips an unknown field without checking
+        // that its strings are UTF-8, so this decoded as a session with n = 2.
+        let mut not_utf8 = b"{\"d\":{\"n\":2},\"xd\":{\"i".to_vec();
+        not_utf8.extend_from_slice(&[0xd6; 14]);
+        not_utf8.extend_from_slice(b"\":90000}}");
+        assert!(decode(&not_utf8).is_err());
+        // Nor that its escapes make characters, nor how deep it nests.
+        assert!(decode(b"{\"d\":{},\"z\":\"\\ud800\"}").is_err());
+        let deep = format!(
+            "{{\"d\":{{}},\"z\":{}{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(decode(deep.as_bytes()).is_err());
     }
 }

@@ -22,17 +22,34 @@ pub(crate) fn session_id_from(headers: &HeaderMap, config: &Config) -> Option<Se
         let Ok(text) = header.to_str() else {
             continue;
         };
-        for cookie in cookie::Cookie::split_parse(text).flatten() {
-            if cookie.name() != config.cookie_name {
-                continue;
-            }
-            if let Some(id) = verify_value(cookie.value(), config) {
+        for value in values_named(text, &config.cookie_name) {
+            if let Some(id) = verify_value(value, config) {
                 return Some(id);
             }
             tracing::debug!("ignored a session cookie that is malformed or not signed by us");
         }
     }
     None
+}
+
+/// The values of the cookies called `name` in one `Cookie` header: `name=value` pairs separated by
+/// `;` (RFC 6265, section 4.2.1), whitespace around names and values ignored, a value's double
+/// quotes removed. A plain split: a full cookie parser would build every cookie of the header on
+/// every request only to look at one.
+fn values_named<'a>(header: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    header.split(';').filter_map(move |pair| {
+        let (pair_name, value) = pair.split_once('=')?;
+        if pair_name.trim_ascii() != name {
+            return None;
+        }
+        let value = value.trim_ascii();
+        Some(
+            value
+                .strip_prefix('"')
+                .and_then(|inner| inner.strip_suffix('"'))
+                .unwrap_or(value),
+        )
+    })
 }
 
 fn verify_value(value: &str, config: &Config) -> Option<SessionId> {
@@ -128,6 +145,25 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::config::SigningKeys;
+
+    #[test]
+    fn the_values_of_one_cookie_name_are_found_among_the_others() {
+        let found: Vec<&str> = values_named(
+            r#"a=1; session=x;b=2 ;  session = "y" ;sessions=z; =w; session"#,
+            "session",
+        )
+        .collect();
+        assert_eq!(found, ["x", "y"]);
+        assert_eq!(values_named("", "session").count(), 0);
+        assert_eq!(
+            values_named("session=", "session").collect::<Vec<_>>(),
+            [""]
+        );
+        assert_eq!(
+            values_named(r#"session=""#, "session").collect::<Vec<_>>(),
+            ["\""]
+        );
+    }
 
     fn headers(cookie: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();

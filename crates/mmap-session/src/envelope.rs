@@ -4,9 +4,10 @@
 //! expiry lives in the store next to the bytes; the time of the last sliding refresh follows from it
 //! (expiry minus the inactivity period), so it needs no field of its own.
 
-use std::io;
 use std::time::{Duration, UNIX_EPOCH};
+use std::{fmt, io};
 
+use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -94,27 +95,93 @@ pub(crate) fn encoded_len(
     Ok(counter.0)
 }
 
+/// The encoded length of an empty session without its own expiry: `{"d":{}}`.
+pub(crate) const EMPTY_LEN: usize = 8;
+
+/// The bytes one map entry `"key":value` adds to the encoding, not counting the comma between
+/// entries. `usize::MAX` if the value cannot be encoded (the caller then encodes everything and
+/// gets the error).
+pub(crate) fn entry_len(key: &str, value: &Value) -> usize {
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, key)
+        .and_then(|()| serde_json::to_writer(&mut counter, value))
+    {
+        Ok(()) => counter.0.saturating_add(1),
+        Err(_) => usize::MAX,
+    }
+}
+
+/// The bytes a per-session expiry adds to the encoding: `,"x":` and its value; 0 for none.
+pub(crate) fn expiry_len(expiry: Option<Expiry>) -> usize {
+    let Some(expiry) = expiry else {
+        return 0;
+    };
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, &StoredExpiry::from(expiry)) {
+        Ok(()) => counter.0.saturating_add(5),
+        Err(_) => usize::MAX,
+    }
+}
+
 pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, serde_json::Error> {
-    // The whole record is parsed, fields this version does not know included. serde_json checks
-    // less in fields it skips (their bytes need not be UTF-8, their escapes need not be valid,
-    // their nesting has no limit), so skipping them would accept records that are not JSON.
-    let mut fields: Map<String, Value> = serde_json::from_slice(bytes)?;
-    let data = match fields.remove("d") {
-        Some(Value::Object(data)) => data,
-        _ => return Err(invalid("no session map under \"d\"")),
-    };
-    let expiry = match fields.remove("x") {
-        Some(stored) => serde_json::from_value::<Option<StoredExpiry>>(stored)?,
-        None => None,
-    };
+    let envelope: EnvelopeOwned = serde_json::from_slice(bytes)?;
     Ok(Decoded {
-        data,
-        expiry: expiry.map(Expiry::from),
+        data: envelope.data,
+        expiry: envelope.expiry.map(Expiry::from),
     })
 }
 
-fn invalid(what: &str) -> serde_json::Error {
-    <serde_json::Error as serde::de::Error>::custom(what)
+/// A stored envelope, decoded field by field.
+struct EnvelopeOwned {
+    data: Map<String, Value>,
+    expiry: Option<StoredExpiry>,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier)]
+enum Field {
+    #[serde(rename = "d")]
+    Data,
+    #[serde(rename = "x")]
+    Expiry,
+    #[serde(other)]
+    Unknown,
+}
+
+impl<'de> Deserialize<'de> for EnvelopeOwned {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(EnvelopeVisitor)
+    }
+}
+
+struct EnvelopeVisitor;
+
+impl<'de> Visitor<'de> for EnvelopeVisitor {
+    type Value = EnvelopeOwned;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a session envelope: an object with the session's map under \"d\"")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut fields: A) -> Result<EnvelopeOwned, A::Error> {
+        let mut data = None;
+        let mut expiry = None;
+        // A repeated field: the last one counts, as in a JSON object read into a map.
+        while let Some(field) = fields.next_key()? {
+            match field {
+                Field::Data => data = Some(fields.next_value()?),
+                Field::Expiry => expiry = fields.next_value()?,
+                // Parsed in full and dropped. serde_json checks less in a value it skips (its
+                // bytes need not be UTF-8, its escapes need not make characters, its nesting
+                // has no limit), and a record that is not JSON is not a session.
+                Field::Unknown => drop(fields.next_value::<Value>()?),
+            }
+        }
+        Ok(EnvelopeOwned {
+            data: data.ok_or_else(|| A::Error::missing_field("d"))?,
+            expiry,
+        })
+    }
 }
 
 struct Counter(usize);
@@ -160,10 +227,45 @@ mod tests {
     }
 
     #[test]
+    fn entry_and_expiry_lengths_add_up_to_the_encoded_length() {
+        let mut data = Map::new();
+        let mut len = EMPTY_LEN;
+        assert_eq!(len, encoded_len(&data, None).unwrap());
+        let values = [
+            Value::from(3),
+            Value::from("a \"quoted\" line\n"),
+            Value::from(vec![1.5, -2.0]),
+            serde_json::json!({"nested": {"k": null}}),
+        ];
+        for (i, value) in values.into_iter().enumerate() {
+            let key = format!("key {i} \u{e9}");
+            len += entry_len(&key, &value) + usize::from(!data.is_empty());
+            data.insert(key, value);
+            assert_eq!(len, encoded_len(&data, None).unwrap());
+        }
+        for expiry in [
+            Expiry::OnSessionEnd,
+            Expiry::OnInactivity(Duration::from_secs(90)),
+            Expiry::AtDateTime(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),
+        ] {
+            assert_eq!(
+                len + expiry_len(Some(expiry)),
+                encoded_len(&data, Some(expiry)).unwrap()
+            );
+        }
+        assert_eq!(expiry_len(None), 0);
+    }
+
+    #[test]
     fn bytes_that_are_not_an_envelope_do_not_decode() {
         assert!(decode(b"").is_err());
         assert!(decode(b"[1,2]").is_err());
         assert!(decode(b"{\"d\": 5}").is_err());
+        assert!(decode(b"{\"x\": null}").is_err());
+        // A repeated field: the last one counts.
+        let twice = decode(b"{\"d\":{\"n\":1},\"d\":{\"n\":2}}").unwrap();
+        assert_eq!(twice.data.get("n"), Some(&Value::from(2)));
+        assert!(decode(b"{\"d\":{\"n\":1},\"d\":5}").is_err());
     }
 
     #[test]

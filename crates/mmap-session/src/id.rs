@@ -76,6 +76,24 @@ impl SessionId {
     }
 }
 
+impl SessionId {
+    /// The id's [`ShortHash`] for a log line, hashed only if the line is written: most requests
+    /// log nothing, and BLAKE3 of the id is a measurable part of a request's cost.
+    pub(crate) fn log_name(self) -> LogName {
+        LogName(self)
+    }
+}
+
+/// Displays as its id's [`ShortHash`], computed when shown.
+#[derive(Clone, Copy)]
+pub(crate) struct LogName(SessionId);
+
+impl fmt::Display for LogName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.short_hash(), f)
+    }
+}
+
 impl fmt::Debug for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SessionId(#{})", self.short_hash())

@@ -131,6 +131,7 @@ async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, Se
         expiry: own_expiry,
         modified,
         expiry_changed,
+        size: _,
     } = loaded;
     let expiry = own_expiry.unwrap_or(config.expiry);
     let expires_at = expiry.expires_at(now);
@@ -174,7 +175,7 @@ async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, Se
                         new.release_dyn().await;
                     }
                     return Err(backend_failure(
-                        found.id.short_hash(),
+                        found.id.log_name(),
                         "removing the replaced session failed; it is kept",
                         error,
                     ));
@@ -229,7 +230,7 @@ async fn save_in_place(
     now: SystemTime,
 ) -> Result<Option<HeaderValue>, SessionError> {
     let config = &shared.config;
-    let hash = found.id.short_hash();
+    let hash = found.id.log_name();
     if ended {
         found
             .lease
@@ -288,7 +289,7 @@ async fn create(
     expires_at: SystemTime,
 ) -> Result<Box<dyn DynLease>, SessionError> {
     for _ in 0..3 {
-        let hash = id.short_hash();
+        let hash = id.log_name();
         let deadline = deadline_after(shared.config.lease_wait);
         let mut lease = shared
             .backend

@@ -12,7 +12,7 @@ use crate::backend::{BackendError, DynBackend, DynLease};
 use crate::config::{Config, Expiry};
 use crate::envelope;
 use crate::error::SessionError;
-use crate::id::{SessionId, ShortHash};
+use crate::id::{LogName, SessionId};
 use crate::read_only::ReadOnlySession;
 
 /// What the layer shares with every request: the backend and the configuration.
@@ -115,6 +115,11 @@ pub(crate) struct Loaded {
     pub(crate) modified: bool,
     /// [`Session::set_expiry`] changed the expiry: recompute it and resend the cookie.
     pub(crate) expiry_changed: bool,
+    /// The encoded length of `data` and `expiry`, kept up to date change by change so that an insert
+    /// costs the size of its value, not of the whole session. Exact for records this layer wrote;
+    /// only an estimate for others, which is why a change is refused only after an exact count
+    /// (and the save checks the real encoding again).
+    pub(crate) size: usize,
 }
 
 impl Loaded {
@@ -126,10 +131,22 @@ impl Loaded {
             expiry: None,
             modified: false,
             expiry_changed: false,
+            size: envelope::EMPTY_LEN,
         }
     }
 
-    fn check_size(&self, config: &Config) -> Result<(), SessionError> {
+    /// Accepts the session's new state if its size, estimated at `estimate`, fits: a
+    /// change is refused only after the whole session has been counted exactly.
+    fn fit(&mut self, estimate: usize, config: &Config) -> Result<(), SessionError> {
+        if estimate <= config.max_size {
+            self.size = estimate;
+            return Ok(());
+        }
+        self.check_size(config)
+    }
+
+    /// Counts the encoded session exactly and refuses it if it is too large.
+    fn check_size(&mut self, config: &Config) -> Result<(), SessionError> {
         let len =
             envelope::encoded_len(&self.data, self.expiry).map_err(SessionError::from_serde)?;
         if len > config.max_size {
@@ -144,6 +161,7 @@ impl Loaded {
                 max: config.max_size,
             });
         }
+        self.size = len;
         Ok(())
     }
 }
@@ -164,7 +182,7 @@ pub(crate) fn fresh_id() -> Result<SessionId, SessionError> {
 }
 
 /// Logs a backend failure (with the session's short hash, never the id) and converts it.
-pub(crate) fn backend_failure(session: ShortHash, what: &str, error: BackendError) -> SessionError {
+pub(crate) fn backend_failure(session: LogName, what: &str, error: BackendError) -> SessionError {
     match &error {
         BackendError::LeaseTimeout => {
             tracing::warn!(session = %session, "{what}: timed out waiting for the session's lease");
@@ -188,7 +206,7 @@ impl SessionInner {
 
     async fn load_existing(&self, id: SessionId) -> Result<Option<Loaded>, SessionError> {
         let backend = &self.shared.backend;
-        let hash = id.short_hash();
+        let hash = id.log_name();
         // A lock-free look first: a cookie that names no live session takes no lease at all.
         match backend.exists_dyn(id.as_bytes()).await {
             Ok(true) => {}
@@ -218,7 +236,8 @@ impl SessionInner {
         };
         match envelope::decode(&record.value) {
             Ok(decoded) => {
-                tracing::trace!(session = %hash, len = record.value.len(), "session loaded");
+                let size = record.value.len();
+                tracing::trace!(session = %hash, len = size, "session loaded");
                 Ok(Some(Loaded {
                     found: Some(Found {
                         id,
@@ -231,6 +250,7 @@ impl SessionInner {
                     expiry: decoded.expiry,
                     modified: false,
                     expiry_changed: false,
+                    size,
                 }))
             }
             Err(error) => {
@@ -386,11 +406,19 @@ impl Session {
     ) -> Result<Option<Value>, SessionError> {
         let key = key.into();
         self.with_loaded(move |loaded, config| {
-            if loaded.data.get(&key) == Some(&value) {
-                return Ok(Some(value));
+            let estimate = match loaded.data.get(&key) {
+                Some(previous) if *previous == value => return Ok(Some(value)),
+                Some(previous) => loaded
+                    .size
+                    .saturating_sub(envelope::entry_len(&key, previous)),
+                // A new entry, and a comma if it is not the only one.
+                None => loaded
+                    .size
+                    .saturating_add(usize::from(!loaded.data.is_empty())),
             }
+            .saturating_add(envelope::entry_len(&key, &value));
             let previous = loaded.data.insert(key.clone(), value);
-            if let Err(error) = loaded.check_size(config) {
+            if let Err(error) = loaded.fit(estimate, config) {
                 match previous {
                     Some(previous) => loaded.data.insert(key, previous),
                     None => loaded.data.remove(&key),
@@ -426,7 +454,11 @@ impl Session {
     pub async fn remove_value(&self, key: &str) -> Result<Option<Value>, SessionError> {
         self.with_loaded(|loaded, _| {
             let removed = loaded.data.remove(key);
-            if removed.is_some() {
+            if let Some(value) = &removed {
+                loaded.size = loaded
+                    .size
+                    .saturating_sub(envelope::entry_len(key, value))
+                    .saturating_sub(usize::from(!loaded.data.is_empty()));
                 loaded.modified = true;
             }
             Ok(removed)
@@ -444,6 +476,8 @@ impl Session {
         self.with_loaded(|loaded, _| {
             if !loaded.data.is_empty() {
                 loaded.data.clear();
+                loaded.size =
+                    envelope::EMPTY_LEN.saturating_add(envelope::expiry_len(loaded.expiry));
                 loaded.modified = true;
             }
             Ok(())
@@ -494,6 +528,7 @@ impl Session {
         self.with_loaded(move |loaded, _| {
             loaded.data.clear();
             loaded.expiry = None;
+            loaded.size = envelope::EMPTY_LEN;
             loaded.modified = false;
             loaded.expiry_changed = false;
             loaded.id = new_id;
@@ -553,6 +588,10 @@ impl Session {
     pub async fn set_expiry(&self, expiry: Option<Expiry>) -> Result<(), SessionError> {
         self.with_loaded(move |loaded, _| {
             if loaded.expiry != expiry {
+                loaded.size = loaded
+                    .size
+                    .saturating_sub(envelope::expiry_len(loaded.expiry))
+                    .saturating_add(envelope::expiry_len(expiry));
                 loaded.expiry = expiry;
                 loaded.modified = true;
                 loaded.expiry_changed = true;
@@ -634,7 +673,7 @@ impl Session {
         let Some(id) = self.inner.cookie_id else {
             return Ok(ReadOnlySession::empty());
         };
-        let hash = id.short_hash();
+        let hash = id.log_name();
         let record = self
             .inner
             .shared

@@ -154,44 +154,40 @@ async fn a_session_idle_past_its_inactivity_period_is_gone() {
     assert_eq!(later.body, "none");
 }
 
+/// Commits `value` as the raw store value of session `id`, kept by the store for an hour.
+async fn put_raw(store: &MmapStore, id: Id, value: &[u8]) {
+    let mut lease = store
+        .store()
+        .lease(&id.0.to_le_bytes(), Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    lease
+        .commit(value, SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    lease.release();
+}
+
+/// The store value of `record` written by hand, in the layout the adapter documents.
+fn hand_written(record: &Record) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "data": record.data,
+        "expiry_date": record.expiry_date.unix_timestamp_nanos(),
+    }))
+    .unwrap()
+}
+
 #[tokio::test]
 async fn an_expired_record_does_not_load_even_before_the_store_drops_it() {
     let (_dir, store) = fresh();
-    // The store keeps expiry in milliseconds; the record's own exact date decides.
+    // The store's expiry (an hour here) has millisecond resolution; the record's own decides.
     let mut expired = record(Id::default(), "ada", time::Duration::seconds(-1));
-    let value = serde_json::json!({
-        "data": expired.data,
-        "expiry_date": expired.expiry_date.unix_timestamp_nanos(),
-    });
-    let key = expired.id.0.to_le_bytes();
-    let mut lease = store
-        .store()
-        .lease(&key, Instant::now() + Duration::from_secs(5))
-        .await
-        .unwrap();
-    let store_expiry = SystemTime::now() + Duration::from_secs(3600);
-    lease
-        .commit(&serde_json::to_vec(&value).unwrap(), store_expiry)
-        .unwrap();
-    lease.release();
+    put_raw(&store, expired.id, &hand_written(&expired)).await;
 
-    assert!(store.store().get(&key).is_some());
+    assert!(store.store().get(&expired.id.0.to_le_bytes()).is_some());
     assert_eq!(store.load(&expired.id).await.unwrap(), None);
-    // Sanity check of the hand-written value: with a future date the same layout loads.
+    // The same value with a date ahead does load: it was the date that made it absent.
     expired.expiry_date = OffsetDateTime::now_utc() + time::Duration::hours(1);
-    let value = serde_json::json!({
-        "data": expired.data,
-        "expiry_date": expired.expiry_date.unix_timestamp_nanos(),
-    });
-    let mut lease = store
-        .store()
-        .lease(&key, Instant::now() + Duration::from_secs(5))
-        .await
-        .unwrap();
-    lease
-        .commit(&serde_json::to_vec(&value).unwrap(), store_expiry)
-        .unwrap();
-    lease.release();
+    put_raw(&store, expired.id, &hand_written(&expired)).await;
     assert_eq!(store.load(&expired.id).await.unwrap(), Some(expired));
 }
 
@@ -315,15 +311,7 @@ async fn a_damaged_record_is_no_session_and_the_request_gets_a_new_one() {
     let id = id_of(&cookie);
     // A record that the store verifies (its checksum is right) but that is no session record.
     for damaged in [&b"not json"[..], b"{\"data\":1}", b"\xff\xfe"] {
-        let mut lease = store
-            .store()
-            .lease(&id.0.to_le_bytes(), Instant::now() + Duration::from_secs(5))
-            .await
-            .unwrap();
-        lease
-            .commit(damaged, SystemTime::now() + Duration::from_secs(3600))
-            .unwrap();
-        lease.release();
+        put_raw(&store, id, damaged).await;
 
         assert_eq!(store.load(&id).await.unwrap(), None);
         let answer = send(&app, "/get/user", Some(&cookie)).await;

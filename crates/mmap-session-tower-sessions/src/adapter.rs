@@ -28,7 +28,9 @@ const MAX_ID_DRAWS: u32 = 32;
 /// serialised: as with every tower-sessions store, the last save of two overlapping requests wins.
 /// For sessions that never lose an update, use `mmap_session::SessionLayer` instead.
 ///
-/// Cheap to clone; clones share one mapping.
+/// Runs on tokio, as tower-sessions does: waiting for a busy lease needs a runtime with timers
+/// (as `#[tokio::main]` builds), and `delete_expired` uses the blocking pool. Cheap to clone;
+/// clones share one mapping.
 ///
 /// # Examples
 ///
@@ -164,12 +166,13 @@ impl MmapStore {
         })?;
         let mut lease = self.lease(&key, "save").await?;
         // tower-sessions saves only sessions it loaded; one gone since was deleted (logout,
-        // `cycle_id`, `flush` in a concurrent request) or expired, and must not come back.
+        // `cycle_id`, `flush` in a concurrent request), expired or evicted, and must not come
+        // back.
         if lease.read().is_none() {
             lease.release();
             tracing::debug!(
                 session = %short_hash(&key),
-                "not saved: the session was deleted or expired since it was loaded"
+                "not saved: the session was deleted, expired or evicted since it was loaded"
             );
             return Ok(());
         }
@@ -223,8 +226,8 @@ impl SessionStore for MmapStore {
         Ok(self.create_record(record).await?)
     }
 
-    /// Replaces a session's record under its lease. A session that was deleted or has expired
-    /// since it was loaded is not written back.
+    /// Replaces a session's record under its lease. A session that was deleted, has expired or
+    /// was evicted since it was loaded is not written back.
     async fn save(&self, record: &Record) -> session_store::Result<()> {
         Ok(self.save_record(record).await?)
     }

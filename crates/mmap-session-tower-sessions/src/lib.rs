@@ -26,7 +26,7 @@
 //! - **No id collision** ([`SessionStore::create`](tower_sessions_core::SessionStore::create)):
 //!   the id is checked free and written under its lease; a taken id is replaced by a fresh one.
 //! - **Logout wins**: a save of a session that another request deleted (logout, `cycle_id`,
-//!   `flush`) or that expired meanwhile does not bring it back.
+//!   `flush`), or that expired or was evicted meanwhile, does not bring it back.
 //! - **No usable id in the file**: the store keeps only a BLAKE3 hash of each id, and the record
 //!   holds the data and expiry only. Logs name a session by the first 8 hex characters of that
 //!   hash, the name `mmap-session-admin` shows.

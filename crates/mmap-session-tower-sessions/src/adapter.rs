@@ -15,6 +15,9 @@ use crate::record::{decode, encode, key_of, short_hash, store_expiry};
 /// keeps it for a whole request (the `mmap-session` layer on the same file) or a stopped process.
 const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(5);
 
+/// The longest wait [`MmapStore::with_lease_wait`] accepts.
+const MAX_LEASE_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 /// How many fresh ids [`SessionStore::create`] draws before it gives up. With 128 random bits a
 /// second draw is already never needed; the bound only keeps a broken generator from looping
 /// forever on the request path.
@@ -79,7 +82,7 @@ impl MmapStore {
     }
 
     /// How long `create`, `save` and `delete` wait for a session's lease held by someone else
-    /// before they fail (5 s unless set).
+    /// before they fail (5 s unless set; a wait longer than a day is cut to a day).
     ///
     /// # Examples
     ///
@@ -95,7 +98,8 @@ impl MmapStore {
     /// # }
     /// ```
     pub fn with_lease_wait(mut self, wait: Duration) -> Self {
-        self.lease_wait = wait;
+        // A deadline is `now + wait`, which must not overflow the clock.
+        self.lease_wait = wait.min(MAX_LEASE_WAIT);
         self
     }
 
@@ -256,5 +260,30 @@ impl ExpiredDeletion for MmapStore {
             .map_err(MmapStoreError::Purge)?;
         tracing::debug!(removed, "expired sessions purged");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn an_endless_lease_wait_is_cut_to_a_day_and_operations_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(
+            dir.path().join("sessions"),
+            mmap_session_store::Options::new().max_sessions(64),
+        )
+        .unwrap();
+        let store = MmapStore::new(store).with_lease_wait(Duration::MAX);
+        assert_eq!(store.lease_wait, MAX_LEASE_WAIT);
+        let mut record = Record {
+            id: Id::default(),
+            data: Default::default(),
+            expiry_date: time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+        };
+        store.create(&mut record).await.unwrap();
+        store.delete(&record.id).await.unwrap();
     }
 }

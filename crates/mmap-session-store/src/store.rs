@@ -283,9 +283,12 @@ impl Store {
     /// Whether `key` has a record that has not expired, without copying or verifying it (a
     /// cheap pre-check; [`Store::get`] or a lease's read verifies the record itself).
     pub fn contains(&self, key: &[u8]) -> bool {
+        self.contains_hashed(&KeyHash::new(key))
+    }
+
+    fn contains_hashed(&self, kh: &KeyHash) -> bool {
         let s = &self.shared;
-        let kh = KeyHash::new(key);
-        let Some(pos) = s.lookup(&kh) else {
+        let Some(pos) = s.lookup(kh) else {
             return false;
         };
         let Some(state) = s
@@ -305,8 +308,11 @@ impl Store {
 
     /// Takes the busy lease of `key` if nobody holds it, without waiting.
     pub fn try_lease(&self, key: &[u8]) -> Result<Option<Lease>, StoreError> {
+        self.try_lease_hashed(KeyHash::new(key))
+    }
+
+    fn try_lease_hashed(&self, kh: KeyHash) -> Result<Option<Lease>, StoreError> {
         let s = &self.shared;
-        let kh = KeyHash::new(key);
         for _ in 0..4 {
             let pos = match s.lookup(&kh) {
                 Some(pos) => pos,
@@ -374,10 +380,34 @@ impl Store {
     /// Needs a tokio runtime with timers enabled (as `#[tokio::main]` builds).
     #[cfg(feature = "tokio")]
     pub async fn lease(&self, key: &[u8], deadline: Instant) -> Result<Lease, StoreError> {
-        if let Some(lease) = self.try_lease(key)? {
+        self.lease_hashed(KeyHash::new(key), deadline).await
+    }
+
+    /// Like [`Store::lease`], but only if `key` has a record that has not expired (checked as
+    /// [`Store::contains`] does); otherwise `None` at once, and no lease or index entry is made
+    /// for the key. The record can still end while the lease is awaited: read it under the lease.
+    ///
+    /// For keys that come from outside (a cookie, say): a key that names nothing costs a lookup,
+    /// never a lease.
+    #[cfg(feature = "tokio")]
+    pub async fn lease_existing(
+        &self,
+        key: &[u8],
+        deadline: Instant,
+    ) -> Result<Option<Lease>, StoreError> {
+        let kh = KeyHash::new(key);
+        if !self.contains_hashed(&kh) {
+            return Ok(None);
+        }
+        self.lease_hashed(kh, deadline).await.map(Some)
+    }
+
+    #[cfg(feature = "tokio")]
+    async fn lease_hashed(&self, kh: KeyHash, deadline: Instant) -> Result<Lease, StoreError> {
+        if let Some(lease) = self.try_lease_hashed(kh)? {
             return Ok(lease);
         }
-        let rx = self.shared.local.enqueue(self, KeyHash::new(key), deadline);
+        let rx = self.shared.local.enqueue(self, kh, deadline);
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(delivery)) => delivery,
             Ok(Err(_)) => Err(StoreError::Io(io::Error::other(

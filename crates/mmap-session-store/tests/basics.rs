@@ -520,3 +520,45 @@ fn purge_expired_removes_expired_idle_records_only() {
     assert_eq!(store.entries().len(), 4);
     assert_eq!(store.stats().expired_reclaimed, 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_existing_leases_only_keys_with_a_live_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path().join("s"), small()).unwrap();
+    assert!(store
+        .lease_existing(b"nobody", soon())
+        .await
+        .unwrap()
+        .is_none());
+
+    let mut lease = store.lease(b"someone", soon()).await.unwrap();
+    lease.commit(b"v1", later()).unwrap();
+    lease.release();
+    let held = store.lease_existing(b"someone", soon()).await.unwrap();
+    let mut held = held.expect("a live record is leased");
+    assert_eq!(held.read().unwrap().value, b"v1");
+    // While it is held, another caller waits for it like `lease` does.
+    let quick = Instant::now() + Duration::from_millis(50);
+    assert!(matches!(
+        store.lease_existing(b"someone", quick).await,
+        Err(StoreError::LeaseTimeout)
+    ));
+    held.remove().unwrap();
+    held.release();
+    assert!(store
+        .lease_existing(b"someone", soon())
+        .await
+        .unwrap()
+        .is_none());
+
+    let mut lease = store.lease(b"brief", soon()).await.unwrap();
+    lease
+        .commit(b"v", SystemTime::now() - Duration::from_secs(1))
+        .unwrap();
+    lease.release();
+    assert!(store
+        .lease_existing(b"brief", soon())
+        .await
+        .unwrap()
+        .is_none());
+}

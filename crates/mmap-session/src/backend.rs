@@ -100,6 +100,23 @@ pub trait SessionBackend: Send + Sync + 'static {
         let read = self.get_unleased(key);
         async move { Ok(read.await?.is_some()) }
     }
+
+    /// Takes the busy lease on `key` as [`SessionBackend::lease`] does, but only if `key` has a
+    /// live record ([`SessionBackend::exists`]); `None`, without any lease, if it has none. The
+    /// layer leases a cookie's id this way. The default asks `exists`, then leases; backends can
+    /// do both in one step.
+    fn lease_existing(
+        &self,
+        key: &[u8],
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Option<Self::Lease>, BackendError>> + Send {
+        async move {
+            if !self.exists(key).await? {
+                return Ok(None);
+            }
+            self.lease(key, deadline).await.map(Some)
+        }
+    }
 }
 
 /// A held busy lease on one key.
@@ -137,6 +154,14 @@ impl SessionBackend for Store {
 
     async fn exists(&self, key: &[u8]) -> Result<bool, BackendError> {
         Ok(Store::contains(self, key))
+    }
+
+    async fn lease_existing(
+        &self,
+        key: &[u8],
+        deadline: Instant,
+    ) -> Result<Option<Lease>, BackendError> {
+        Ok(Store::lease_existing(self, key, deadline).await?)
     }
 
     async fn get_unleased(&self, key: &[u8]) -> Result<Option<StoredRecord>, BackendError> {
@@ -184,7 +209,11 @@ pub(crate) trait DynBackend: Send + Sync + 'static {
         key: &'a [u8],
     ) -> BoxFuture<'a, Result<Option<StoredRecord>, BackendError>>;
 
-    fn exists_dyn<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<bool, BackendError>>;
+    fn lease_existing_dyn<'a>(
+        &'a self,
+        key: &'a [u8],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn DynLease>>, BackendError>>;
 }
 
 impl<B: SessionBackend> DynBackend for B {
@@ -206,8 +235,15 @@ impl<B: SessionBackend> DynBackend for B {
         Box::pin(SessionBackend::get_unleased(self, key))
     }
 
-    fn exists_dyn<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<bool, BackendError>> {
-        Box::pin(SessionBackend::exists(self, key))
+    fn lease_existing_dyn<'a>(
+        &'a self,
+        key: &'a [u8],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn DynLease>>, BackendError>> {
+        Box::pin(async move {
+            let lease = SessionBackend::lease_existing(self, key, deadline).await?;
+            Ok(lease.map(|lease| Box::new(lease) as Box<dyn DynLease>))
+        })
     }
 }
 

@@ -207,20 +207,16 @@ impl SessionInner {
     async fn load_existing(&self, id: SessionId) -> Result<Option<Loaded>, SessionError> {
         let backend = &self.shared.backend;
         let hash = id.log_name();
-        // A lock-free look first: a cookie that names no live session takes no lease at all.
-        match backend.exists_dyn(id.as_bytes()).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::debug!(session = %hash, "the cookie names no live session; starting a new one");
-                return Ok(None);
-            }
-            Err(error) => return Err(backend_failure(hash, "reading the session failed", error)),
-        }
+        // A cookie that names no live session takes no lease at all.
         let deadline = deadline_after(self.shared.config.lease_wait);
-        let mut lease = backend
-            .lease_dyn(id.as_bytes(), deadline)
+        let lease = backend
+            .lease_existing_dyn(id.as_bytes(), deadline)
             .await
             .map_err(|error| backend_failure(hash, "taking the session's lease failed", error))?;
+        let Some(mut lease) = lease else {
+            tracing::debug!(session = %hash, "the cookie names no live session; starting a new one");
+            return Ok(None);
+        };
         let record = match lease.load_dyn().await {
             Ok(record) => record,
             Err(error) => {

@@ -109,14 +109,33 @@ fn base(config: &Config, value: String) -> cookie::Cookie<'static> {
     cookie
 }
 
-/// `Set-Cookie` carrying `id`, with a lifetime matching `expiry`.
+/// What follows `name=value` in every session cookie: the configured attributes
+/// (`; HttpOnly; SameSite=Lax; Secure; Path=/` by default), formatted by the `cookie` crate once
+/// per layer instead of once per response. `None` if the configuration cannot be sent as a header.
+pub(crate) fn attribute_tail(config: &Config) -> Option<String> {
+    removal_cookie(config).ok()?;
+    let formatted = base(config, String::new()).to_string();
+    formatted
+        .strip_prefix(&config.cookie_name)
+        .and_then(|rest| rest.strip_prefix('='))
+        .map(str::to_owned)
+}
+
+/// `Set-Cookie` carrying `id`, with a lifetime matching `expiry`; `tail` is
+/// [`attribute_tail`] of `config`.
 pub(crate) fn session_cookie(
     id: &SessionId,
     expiry: Expiry,
     now: SystemTime,
     config: &Config,
+    tail: &str,
 ) -> Result<HeaderValue, InvalidCookieConfig> {
-    let mut cookie = base(config, cookie_value(id, config));
+    let value = cookie_value(id, config);
+    let mut text = String::with_capacity(config.cookie_name.len() + value.len() + tail.len() + 24);
+    text.push_str(&config.cookie_name);
+    text.push('=');
+    text.push_str(&value);
+    text.push_str(tail);
     let max_age = match expiry {
         Expiry::OnSessionEnd => None,
         Expiry::OnInactivity(ttl) => Some(ttl),
@@ -127,10 +146,10 @@ pub(crate) fn session_cookie(
         let secs = max_age
             .as_secs()
             .saturating_add(u64::from(max_age.subsec_nanos() > 0));
-        let secs = i64::try_from(secs).unwrap_or(i64::MAX);
-        cookie.set_max_age(cookie::time::Duration::seconds(secs));
+        text.push_str("; Max-Age=");
+        text.push_str(&secs.to_string());
     }
-    HeaderValue::try_from(cookie.to_string()).map_err(|_| InvalidCookieConfig)
+    HeaderValue::try_from(text).map_err(|_| InvalidCookieConfig)
 }
 
 /// `Set-Cookie` that makes the browser drop the session cookie.

@@ -117,12 +117,9 @@ fn encode_checked(
 async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, SessionError> {
     let config = &shared.config;
     // Fail on a cookie configuration that cannot be sent before writing anything.
-    if !*shared
-        .cookie_config_ok
-        .get_or_init(|| cookies::removal_cookie(config).is_ok())
-    {
-        cookies::removal_cookie(config).map_err(invalid_config)?;
-    }
+    let Some(tail) = shared.cookie_tail() else {
+        return Err(invalid_config(InvalidCookieConfig));
+    };
     let now = SystemTime::now();
     let Loaded {
         found,
@@ -189,7 +186,7 @@ async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, Se
                 match created {
                     Some(new) => {
                         new.release_dyn().await;
-                        cookies::session_cookie(&id, expiry, now, config)
+                        cookies::session_cookie(&id, expiry, now, config, tail)
                             .map(Some)
                             .map_err(invalid_config)
                     }
@@ -211,7 +208,7 @@ async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, Se
             let lease = create(shared, &mut id, &bytes, expires_at).await?;
             lease.release_dyn().await;
             tracing::debug!(session = %id.short_hash(), "new session saved");
-            cookies::session_cookie(&id, expiry, now, config)
+            cookies::session_cookie(&id, expiry, now, config, tail)
                 .map(Some)
                 .map_err(invalid_config)
         }
@@ -230,6 +227,9 @@ async fn save_in_place(
     now: SystemTime,
 ) -> Result<Option<HeaderValue>, SessionError> {
     let config = &shared.config;
+    let Some(tail) = shared.cookie_tail() else {
+        return Err(invalid_config(InvalidCookieConfig));
+    };
     let hash = found.id.log_name();
     if ended {
         found
@@ -272,7 +272,7 @@ async fn save_in_place(
     }
     let send_cookie = expiry_changed || (refresh && matches!(expiry, Expiry::OnInactivity(_)));
     if send_cookie {
-        cookies::session_cookie(&found.id, expiry, now, config)
+        cookies::session_cookie(&found.id, expiry, now, config, tail)
             .map(Some)
             .map_err(invalid_config)
     } else {

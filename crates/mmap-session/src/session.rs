@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::backend::{BackendError, DynBackend, DynLease};
 use crate::config::{Config, Expiry};
+use crate::cookies;
 use crate::envelope;
 use crate::error::SessionError;
 use crate::id::{LogName, SessionId};
@@ -20,8 +21,18 @@ use crate::read_only::ReadOnlySession;
 pub(crate) struct Shared {
     pub(crate) backend: Arc<dyn DynBackend>,
     pub(crate) config: Config,
-    /// Whether the cookie configuration can be written as a header; checked once, not per save.
-    pub(crate) cookie_config_ok: std::sync::OnceLock<bool>,
+    /// What follows `name=value` in every session cookie, formatted once; `None` if the cookie
+    /// configuration cannot be written as a header.
+    pub(crate) cookie_tail: std::sync::OnceLock<Option<String>>,
+}
+
+impl Shared {
+    /// The attributes of the session cookie (see [`cookies::attribute_tail`]).
+    pub(crate) fn cookie_tail(&self) -> Option<&str> {
+        self.cookie_tail
+            .get_or_init(|| cookies::attribute_tail(&self.config))
+            .as_deref()
+    }
 }
 
 impl fmt::Debug for Shared {

@@ -57,14 +57,14 @@ impl SessionLayer {
             shared: Arc::new(Shared {
                 backend: Arc::new(backend),
                 config: Config::default(),
-                cookie_config_ok: std::sync::OnceLock::new(),
+                cookie_tail: std::sync::OnceLock::new(),
             }),
         }
     }
 
     fn config(&mut self) -> &mut Config {
         let shared = Arc::make_mut(&mut self.shared);
-        shared.cookie_config_ok = std::sync::OnceLock::new();
+        shared.cookie_tail = std::sync::OnceLock::new();
         &mut shared.config
     }
 

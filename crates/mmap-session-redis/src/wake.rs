@@ -39,11 +39,14 @@ impl Waiters {
         }
     }
 
-    /// Wakes everyone waiting for `hash` here.
+    /// Wakes the longest waiting of this process's waiters for `hash`: one request can take the
+    /// lease, and waking all of them would only make the rest try in vain. If it loses the race to
+    /// another process, that one's release wakes the next; if it went away, the others' polling
+    /// is the fallback.
     pub(crate) fn wake(&self, hash: &str) {
         let map = self.by_hash.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = map.get(hash) {
-            entry.notify.notify_waiters();
+            entry.notify.notify_one();
         }
     }
 

@@ -183,7 +183,7 @@ impl Inner {
         script
             .evalsha_with_reload::<Value, _, _>(self.pool.next(), keys.all(), args)
             .await
-            .map_err(|source| RedisError::Command { command, source })
+            .map_err(failed(command))
     }
 
     /// One try at the lease.
@@ -280,6 +280,11 @@ enum Attempt {
         overdue: bool,
         stored: Option<Vec<u8>>,
     },
+}
+
+/// Makes a client error into the backend's error for `command`.
+fn failed(command: &'static str) -> impl FnOnce(fred::error::Error) -> RedisError {
+    move |source| RedisError::Command { command, source }
 }
 
 /// Milliseconds, rounded up, at least 1 (a TTL of 0 would be refused or expire at once).
@@ -402,10 +407,7 @@ impl SessionBackend for RedisBackend {
             .pool
             .get(keys.record.as_str())
             .await
-            .map_err(|source| RedisError::Command {
-                command: "GET",
-                source,
-            })?;
+            .map_err(failed("GET"))?;
         Ok(match stored.as_bytes() {
             Some(bytes) => self.inner.decode(&keys, bytes),
             None => None,
@@ -419,10 +421,7 @@ impl SessionBackend for RedisBackend {
             .pool
             .exists(keys.record.as_str())
             .await
-            .map_err(|source| RedisError::Command {
-                command: "EXISTS",
-                source,
-            })?;
+            .map_err(failed("EXISTS"))?;
         Ok(count > 0)
     }
 }

@@ -34,48 +34,57 @@ end
 return {1, generation, overdue, redis.call('GET', KEYS[3])}
 ";
 
+/// A script that first checks that the lease holds the caller's token (`ARGV[1]`), returning 0 if
+/// not, and then runs `body` with the lease's value in `held`.
+macro_rules! fenced {
+    ($body:literal) => {
+        concat!(
+            r"
+local held = redis.call('GET', KEYS[1])
+if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then
+  return 0
+end",
+            $body
+        )
+    };
+}
+
 /// Replaces the record if the caller still holds the lease.
 ///
 /// `ARGV`: the holder's token, the stored record, its time to live (ms). Returns 1 if written, 0
 /// if the lease was lost.
-const COMMIT: &str = r"
-local held = redis.call('GET', KEYS[1])
-if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then
-  return 0
-end
+const COMMIT: &str = fenced!(
+    r"
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 return 1
-";
+"
+);
 
 /// Deletes the record if the caller still holds the lease.
 ///
 /// `ARGV`: the holder's token. Returns 1 if done, 0 if the lease was lost.
-const REMOVE: &str = r"
-local held = redis.call('GET', KEYS[1])
-if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then
-  return 0
-end
+const REMOVE: &str = fenced!(
+    r"
 redis.call('DEL', KEYS[3])
 return 1
-";
+"
+);
 
 /// Gives the lease back if the caller still holds it, notes its generation as released and
 /// publishes the release so that waiters try at once.
 ///
 /// `ARGV`: the holder's token, the release channel, the session's hash. Returns 1 if released, 0
 /// if the lease was not the caller's (any more).
-const RELEASE: &str = r"
-local held = redis.call('GET', KEYS[1])
-if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then
-  return 0
-end
+const RELEASE: &str = fenced!(
+    r"
 redis.call('DEL', KEYS[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HSET', KEYS[2], 'released', string.sub(held, string.len(ARGV[1]) + 2))
 end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
-";
+"
+);
 
 /// The four scripts, with their SHA-1 digests (sent with `EVALSHA`, loaded on `NOSCRIPT`).
 #[derive(Debug)]

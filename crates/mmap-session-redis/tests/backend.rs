@@ -27,11 +27,17 @@ async fn backend(server: &RedisServer) -> RedisBackend {
     RedisBackend::connect(&server.url()).await.unwrap()
 }
 
+/// A server of the test's own, and a backend on it with the defaults.
+async fn start() -> (RedisServer, RedisBackend) {
+    let server = RedisServer::start().unwrap();
+    let backend = backend(&server).await;
+    (server, backend)
+}
+
 #[tokio::test]
 async fn a_committed_record_is_read_back_with_and_without_the_lease() {
     bounded(async {
-        let server = RedisServer::start().unwrap();
-        let backend = backend(&server).await;
+        let (_server, backend) = start().await;
         assert!(!backend.exists(b"k").await.unwrap());
         let mut lease = backend.lease(b"k", soon(1000)).await.unwrap();
         assert_eq!(lease.load().await.unwrap(), None);
@@ -60,8 +66,7 @@ async fn a_committed_record_is_read_back_with_and_without_the_lease() {
 #[tokio::test]
 async fn a_held_lease_times_out_a_second_taker_but_not_an_unleased_read() {
     bounded(async {
-        let server = RedisServer::start().unwrap();
-        let backend = backend(&server).await;
+        let (_server, backend) = start().await;
         let mut held = backend.lease(b"k", soon(1000)).await.unwrap();
         held.commit(b"v", in_an_hour()).await.unwrap();
         let other = backend.lease(b"k", soon(100)).await;
@@ -135,8 +140,7 @@ async fn concurrent_read_modify_writes_through_two_backends_lose_nothing() {
 #[tokio::test]
 async fn a_dropped_lease_is_released() {
     bounded(async {
-        let server = RedisServer::start().unwrap();
-        let backend = backend(&server).await;
+        let (_server, backend) = start().await;
         let lease = backend.lease(b"k", soon(1000)).await.unwrap();
         drop(lease);
         // The release runs as a task; the next taker waits for it, well within the deadline.
@@ -188,8 +192,7 @@ async fn a_holder_whose_lease_expired_and_was_taken_over_writes_nothing() {
 #[tokio::test]
 async fn an_expired_record_is_never_returned_and_a_past_expiry_writes_nothing() {
     bounded(async {
-        let server = RedisServer::start().unwrap();
-        let backend = backend(&server).await;
+        let (_server, backend) = start().await;
         let mut lease = backend.lease(b"short", soon(1000)).await.unwrap();
         lease
             .commit(b"v", SystemTime::now() + Duration::from_millis(150))
@@ -269,8 +272,7 @@ async fn key_prefixes_keep_applications_apart() {
 #[tokio::test]
 async fn redis_holds_only_hashes_of_the_keys() {
     bounded(async {
-        let server = RedisServer::start().unwrap();
-        let backend = backend(&server).await;
+        let (server, backend) = start().await;
         let key = b"SECRET-SESSION-ID";
         let mut lease = backend.lease(key, soon(1000)).await.unwrap();
         lease.commit(b"data", in_an_hour()).await.unwrap();

@@ -139,7 +139,7 @@ impl RedisBackend {
         // Listen before subscribing, so that no release after `connect` returns is missed.
         tasks.push(
             tokio::spawn(wake::dispatch(
-                subscriber.clone(),
+                &subscriber,
                 channel.clone(),
                 Arc::clone(&waiters),
             ))
@@ -188,7 +188,10 @@ impl Inner {
 
     /// One try at the lease.
     async fn try_acquire(&self, keys: &SessionKeys, token: &str) -> Result<Attempt, RedisError> {
-        let generation_life = self.lease_timeout * 2 + Duration::from_secs(10);
+        let generation_life = self
+            .lease_timeout
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(10));
         let reply = self
             .run(
                 &self.scripts.acquire,
@@ -391,7 +394,7 @@ impl SessionBackend for RedisBackend {
             // expire, since expiry publishes nothing) is only the fallback.
             let mut wait = poll.min(deadline - now);
             if let Some(remaining) = remaining {
-                wait = wait.min(remaining + Duration::from_millis(1));
+                wait = wait.min(remaining.saturating_add(Duration::from_millis(1)));
             }
             tokio::select! {
                 () = released => {}

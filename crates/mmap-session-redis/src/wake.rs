@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use fred::prelude::{EventInterface as _, Value};
+use fred::prelude::EventInterface as _;
 use fred::types::Message;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::Notify;
@@ -84,37 +84,39 @@ impl Drop for Waiting {
 }
 
 /// Forwards the release messages of `subscriber` on `channel` to `waiters`, until the subscriber's
-/// message stream ends. Runs as a task of its own.
-pub(crate) async fn dispatch(
-    subscriber: fred::clients::SubscriberClient,
+/// message stream ends. The returned future runs as a task of its own; the streams are taken
+/// before it first runs, so that no message that arrives before then is missed.
+pub(crate) fn dispatch(
+    subscriber: &fred::clients::SubscriberClient,
     channel: String,
     waiters: Arc<Waiters>,
-) {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut messages = subscriber.message_rx();
     // The subscription may come back after a reconnection; releases published in between are
     // lost, so everyone tries again (waiters also poll, as a fallback).
     let mut reconnects = subscriber.reconnect_rx();
-    loop {
-        tokio::select! {
-            message = messages.recv() => match message {
-                Ok(Message { channel: on, value, .. }) if *on == *channel => {
-                    if let Value::String(hash) = value {
-                        waiters.wake(&hash);
-                    } else if let Some(hash) = value.as_bytes().and_then(|b| std::str::from_utf8(b).ok()) {
-                        waiters.wake(hash);
+    async move {
+        loop {
+            tokio::select! {
+                message = messages.recv() => match message {
+                    Ok(Message { channel: on, value, .. }) if *on == *channel => {
+                        // The message is the session's hash (hex), as text or bytes.
+                        if let Some(hash) = value.as_bytes().and_then(|b| std::str::from_utf8(b).ok()) {
+                            waiters.wake(hash);
+                        }
                     }
-                }
-                Ok(_) => {}
-                Err(RecvError::Lagged(missed)) => {
-                    tracing::debug!(missed, "release messages were dropped; waking every waiter");
-                    waiters.wake_all();
-                }
-                Err(RecvError::Closed) => break,
-            },
-            reconnect = reconnects.recv() => match reconnect {
-                Ok(_) | Err(RecvError::Lagged(_)) => waiters.wake_all(),
-                Err(RecvError::Closed) => break,
-            },
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::debug!(missed, "release messages were dropped; waking every waiter");
+                        waiters.wake_all();
+                    }
+                    Err(RecvError::Closed) => break,
+                },
+                reconnect = reconnects.recv() => match reconnect {
+                    Ok(_) | Err(RecvError::Lagged(_)) => waiters.wake_all(),
+                    Err(RecvError::Closed) => break,
+                },
+            }
         }
     }
 }

@@ -149,7 +149,11 @@ impl RedisBackend {
             .subscribe(channel.clone())
             .await
             .map_err(connect)?;
-        tracing::debug!(url = %redacted(&config.url), prefix = %config.key_prefix, "connected to Redis");
+        tracing::debug!(
+            url = %redacted(&config.url),
+            prefix = %config.key_prefix,
+            "connected to Redis"
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,

@@ -10,8 +10,8 @@
 //! For each session, under the configured prefix and a BLAKE3 hash of the session's key (never the
 //! id itself):
 //!
-//! - `{prefix}{<hash>}`: the record, its absolute expiry in front of the layer's bytes, with a Redis
-//!   TTL that drops it when it expires;
+//! - `{prefix}{<hash>}`: the record, its absolute expiry in front of the layer's bytes, with a
+//!   Redis TTL that drops it when it expires;
 //! - `{prefix}{<hash>}:lease`: the busy lease, set with `NX` and a TTL of the lease time-out,
 //!   holding the holder's random token and the lease's fencing generation;
 //! - `{prefix}{<hash>}:gen`: the generation counter, which outlives every lease it numbered.

@@ -2,7 +2,7 @@
 //!
 //! | bytes | what |
 //! |---|---|
-//! | 0..8 | `expires_at`, nanoseconds since the Unix epoch, little-endian `u64` (up to the year 2554) |
+//! | 0..8 | `expires_at`: nanoseconds since the Unix epoch, little-endian `u64` (to year 2554) |
 //! | 8.. | the value the layer committed |
 //!
 //! Redis also drops the key by its TTL; the expiry in the value is what the layer gets back, exact

@@ -1,10 +1,11 @@
 //! The Lua scripts that make each lease step atomic on the server.
 //!
 //! Every script gets the session's keys in the order of [`SessionKeys::all`]: `KEYS[1]` the lease,
-//! `KEYS[2]` the generation counter, `KEYS[3]` the record. A lease's value is `<token>:<generation>`,
-//! the token being 128 random bits of its holder; commit, remove and release take the caller's token
-//! as `ARGV[1]` and first check that the lease holds it (compare-and-set, compare-and-delete), so a
-//! holder whose lease expired and was taken by someone else writes nothing.
+//! `KEYS[2]` the generation counter, `KEYS[3]` the record. A lease's value is
+//! `<token>:<generation>`, the token being 128 random bits of its holder. Commit, remove and
+//! release take the caller's token as `ARGV[1]` and first check that the lease holds it
+//! (compare-and-set, compare-and-delete), so a holder whose lease expired and was taken by someone
+//! else writes nothing.
 //!
 //! [`SessionKeys::all`]: crate::keys::SessionKeys::all
 

@@ -101,13 +101,14 @@ pub(crate) fn dispatch(
                 message = messages.recv() => match message {
                     Ok(Message { channel: on, value, .. }) if *on == *channel => {
                         // The message is the session's hash (hex), as text or bytes.
-                        if let Some(hash) = value.as_bytes().and_then(|b| std::str::from_utf8(b).ok()) {
+                        let hash = value.as_bytes().and_then(|b| std::str::from_utf8(b).ok());
+                        if let Some(hash) = hash {
                             waiters.wake(hash);
                         }
                     }
                     Ok(_) => {}
                     Err(RecvError::Lagged(missed)) => {
-                        tracing::debug!(missed, "release messages were dropped; waking every waiter");
+                        tracing::debug!(missed, "release messages dropped; waking every waiter");
                         waiters.wake_all();
                     }
                     Err(RecvError::Closed) => break,

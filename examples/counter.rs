@@ -1,7 +1,9 @@
 //! Run: `cargo run --release --example counter -- --listen 127.0.0.1:3000 --store /tmp/sessions --insecure-cookies`
+//! (or `--redis redis://127.0.0.1:6379` instead of `--store PATH`, to keep the sessions in Redis).
 //!
-//! A per-session counter. Start several copies on different ports with the same `--store` and the
-//! count follows the client from process to process; the end-to-end tests drive it that way.
+//! A per-session counter. Start several copies on different ports with the same `--store` (or the
+//! same `--redis`) and the count follows the client from process to process; the end-to-end tests
+//! drive it that way.
 //!
 //! - `GET /health`: `200 ok`; never touches the session, sets no cookie.
 //! - `GET /`: increments the session's counter (a new session starts at 1) and answers
@@ -30,7 +32,9 @@ mod common;
 const COUNT: &str = "count";
 
 #[derive(Parser, Debug)]
-#[command(about = "A per-session counter shared by every process that opens the same session file")]
+#[command(
+    about = "A per-session counter shared by every process that opens the same session file or Redis"
+)]
 struct Cli {
     #[command(flatten)]
     server: common::ServerArgs,
@@ -84,7 +88,7 @@ async fn main() -> ExitCode {
     common::init_tracing();
     let cli = Cli::parse();
     let result = async {
-        let layer = common::session_layer(&cli.server)?;
+        let layer = common::session_layer(&cli.server).await?;
         let listener = common::bind(&cli.server)?;
         common::serve(listener, app().layer(layer)).await?;
         Ok::<_, Box<dyn std::error::Error>>(())

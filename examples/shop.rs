@@ -315,7 +315,7 @@ async fn main() -> ExitCode {
     common::init_tracing();
     let cli = Cli::parse();
     let result = async {
-        let layer = common::session_layer(&cli.server)?;
+        let layer = common::session_layer(&cli.server).await?;
         let listener = common::bind(&cli.server)?;
         let mut app = app().layer(layer);
         if cli.server.reuse_port {

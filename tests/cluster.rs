@@ -1,8 +1,10 @@
 //! End-to-end tests of the `counter` example: several real processes share one session file behind
 //! nginx (round robin), and clients count through them, while processes are killed and restarted.
+//! Each test runs twice: `file::` with the sessions in a file, `redis::` with the sessions in a
+//! redis-server the test starts.
 //!
-//! They need nginx (`apt-get install nginx`) and the example binaries, which plain `cargo test`
-//! builds first.
+//! They need nginx (`apt-get install nginx`), redis-server and the example binaries, which plain
+//! `cargo test` builds first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -12,14 +14,48 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bounded, cookie_pair, counter_request, is_removal, Chance, Cluster, Reply};
+use common::{bounded, cookie_pair, counter_request, is_removal, Chance, Cluster, Reply, Sessions};
 use mmap_session::store::Store;
 use reqwest::{Method, StatusCode};
 
 const COPIES: usize = 3;
 
-/// Checks the session file with the store's own verifier (every process must be stopped).
+/// Starts the counter's copies with their sessions where `sessions` says.
+async fn start(sessions: Sessions) -> Cluster {
+    // A lease in Redis outlives a killed holder by its time-out: keep it short (and well above
+    // what a request takes) so that the kill test's waiters take over soon.
+    let args: &[&str] = match sessions {
+        Sessions::File => &[],
+        Sessions::Redis => &["--lease-timeout-ms", "1000"],
+    };
+    Cluster::start_on(sessions, "counter", COPIES, args).await
+}
+
+/// What the processes log when they take over the lease of a holder that never released it.
+fn takeover_log(sessions: Sessions) -> &'static str {
+    match sessions {
+        // The store, which sees the holder's process gone.
+        Sessions::File => "holder process died",
+        // The Redis backend, which sees a lease that expired unreleased.
+        Sessions::Redis => "took over an expired lease",
+    }
+}
+
+/// Checks the session storage once every process is stopped: the session file with the store's
+/// own verifier; Redis for leases left behind (every one must have been released or taken over
+/// and released).
 fn assert_store_is_clean(cluster: &Cluster) {
+    if let Some(redis) = cluster.redis() {
+        let leases = redis
+            .raw_command("KEYS *:lease")
+            .expect("ask Redis for leases");
+        assert_eq!(
+            String::from_utf8_lossy(&leases),
+            "*0\r\n",
+            "leases were left behind in Redis"
+        );
+        return;
+    }
     let store = Store::open(cluster.store_path()).expect("open the session file");
     let report = store.verify();
     assert!(
@@ -57,10 +93,9 @@ async fn peek(cluster: &Cluster, cookie: Option<&str>) -> Reply {
     reply
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_counter_keeps_its_http_contract() {
+async fn the_counter_keeps_its_http_contract(sessions: Sessions) {
     bounded(Duration::from_secs(120), async {
-        let cluster = Cluster::start("counter", COPIES, &[]).await;
+        let cluster = start(sessions).await;
 
         // No session: /peek reads 0 and creates nothing.
         let reply = peek(&cluster, None).await;
@@ -122,10 +157,9 @@ async fn the_counter_keeps_its_http_contract() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_client_is_counted_without_gaps_by_all_three_processes() {
+async fn one_client_is_counted_without_gaps_by_all_three_processes(sessions: Sessions) {
     bounded(Duration::from_secs(180), async {
-        let cluster = Cluster::start("counter", COPIES, &[]).await;
+        let cluster = start(sessions).await;
         let started = Instant::now();
         let mut cookie = None;
         let mut served_by = HashSet::new();
@@ -141,12 +175,11 @@ async fn one_client_is_counted_without_gaps_by_all_three_processes() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sixteen_clients_sharing_one_cookie_lose_no_increment() {
+async fn sixteen_clients_sharing_one_cookie_lose_no_increment(sessions: Sessions) {
     const CLIENTS: u64 = 16;
     const EACH: u64 = 40;
     bounded(Duration::from_secs(180), async {
-        let cluster = Cluster::start("counter", COPIES, &[]).await;
+        let cluster = start(sessions).await;
         let mut cookie = None;
         let (base, _) = count_once(&cluster, &mut cookie).await;
         let cookie = cookie.unwrap();
@@ -206,15 +239,13 @@ struct Seen {
     failed: Vec<String>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
+async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged(sessions: Sessions) {
     const CLIENTS: usize = 8;
     const MIN_ROUNDS: usize = 5;
     const MAX_ROUNDS: usize = 100;
-    /// What the store logs when it takes over the lease of a dead holder.
-    const TAKEOVER: &str = "holder process died";
+    let takeover = takeover_log(sessions);
     bounded(Duration::from_secs(240), async {
-        let mut cluster = Cluster::start("counter", COPIES, &[]).await;
+        let mut cluster = start(sessions).await;
         let mut chance = Chance::from_clock();
         eprintln!("kill schedule seed: {}", chance.seed());
         let mut cookie = None;
@@ -257,7 +288,7 @@ async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
         let mut restarted_pids = Vec::new();
         let mut progress_rx = progress_rx;
         let mut round = 0;
-        while round < MIN_ROUNDS || cluster.log_lines_containing(TAKEOVER) == 0 {
+        while round < MIN_ROUNDS || cluster.log_lines_containing(takeover) == 0 {
             assert!(
                 round < MAX_ROUNDS,
                 "{MAX_ROUNDS} kills and none hit a process holding the lease"
@@ -328,7 +359,7 @@ async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
             "{} kills ({} lease take-overs from a dead holder): {} acknowledged increments, {} \
              failed requests, final count {final_count} (base {base})",
             restarted_pids.len(),
-            cluster.log_lines_containing(TAKEOVER),
+            cluster.log_lines_containing(takeover),
             seen.ok.len(),
             seen.failed.len()
         );
@@ -339,10 +370,9 @@ async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sessions_survive_a_restart_of_every_process() {
+async fn sessions_survive_a_restart_of_every_process(sessions: Sessions) {
     bounded(Duration::from_secs(180), async {
-        let mut cluster = Cluster::start("counter", COPIES, &[]).await;
+        let mut cluster = start(sessions).await;
         let mut clients = Vec::new();
         for visits in [1u64, 2, 5, 9, 14] {
             let mut cookie = None;
@@ -376,4 +406,30 @@ async fn sessions_survive_a_restart_of_every_process() {
         assert_eq!(cluster.copies(), COPIES);
     })
     .await;
+}
+
+/// Makes a `file::NAME` and a `redis::NAME` test of each `NAME(sessions: Sessions)` listed.
+macro_rules! on_file_and_redis {
+    ($($name:ident),* $(,)?) => {
+        mod file {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                super::$name(super::Sessions::File).await;
+            })*
+        }
+        mod redis {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                super::$name(super::Sessions::Redis).await;
+            })*
+        }
+    };
+}
+
+on_file_and_redis! {
+    the_counter_keeps_its_http_contract,
+    one_client_is_counted_without_gaps_by_all_three_processes,
+    sixteen_clients_sharing_one_cookie_lose_no_increment,
+    a_process_killed_mid_load_loses_nothing_that_was_acknowledged,
+    sessions_survive_a_restart_of_every_process,
 }

@@ -1,5 +1,5 @@
-//! What the example servers share: their command line, logging, the store, the listening socket and
-//! graceful shutdown. Included by each example with `#[path]`; not an example of its own.
+//! What the example servers share: their command line, logging, the session storage (a file or
+//! Redis), the listening socket and graceful shutdown. Included by each example with `#[path]`; not an example of its own.
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -7,15 +7,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::Router;
-use clap::Args;
+use clap::{ArgGroup, Args};
 use mmap_session::store::{Options, Store};
 use mmap_session::SessionLayer;
+use mmap_session_redis::RedisConfig;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 /// The flags every example server takes.
 #[derive(Args, Debug, Clone)]
+#[command(group(ArgGroup::new("sessions").required(true).args(["store", "redis"])))]
 pub(crate) struct ServerArgs {
     /// Address to listen on, e.g. 127.0.0.1:3000.
     #[arg(long)]
@@ -23,8 +25,13 @@ pub(crate) struct ServerArgs {
 
     /// The session file. Every process started with the same path shares the same sessions; it is
     /// created on first use.
-    #[arg(long)]
-    pub(crate) store: PathBuf,
+    #[arg(long, value_name = "PATH")]
+    pub(crate) store: Option<PathBuf>,
+
+    /// Keep the sessions in Redis instead of a file, e.g. redis://127.0.0.1:6379. Every process
+    /// given the same server shares the same sessions, on any machine.
+    #[arg(long, value_name = "URL")]
+    pub(crate) redis: Option<String>,
 
     /// Send the session cookie without the `Secure` attribute, so that browsers and clients keep it
     /// over plain http (local development and the tests on 127.0.0.1). Never use it behind HTTPS.
@@ -42,7 +49,8 @@ pub(crate) struct ServerArgs {
     pub(crate) lease_wait_ms: Option<u64>,
 
     /// How long this process lets a live holder keep a session's lease before taking it over (the
-    /// store's `lease_timeout`). A holder whose process died is taken over at once regardless.
+    /// store's `lease_timeout`). A holder whose process died is taken over at once regardless with a
+    /// file; with Redis, a lease lives this long unless released, whatever happened to its holder.
     #[arg(long, value_name = "MS")]
     pub(crate) lease_timeout_ms: Option<u64>,
 }
@@ -57,19 +65,37 @@ pub(crate) fn init_tracing() {
         .init();
 }
 
-/// Opens (or creates) the shared session file and wraps it in a layer configured from the flags.
-pub(crate) fn session_layer(args: &ServerArgs) -> Result<SessionLayer, Box<dyn std::error::Error>> {
-    let mut options = Options::new();
-    if let Some(ms) = args.lease_timeout_ms {
-        options = options.lease_timeout(Duration::from_millis(ms));
-    }
-    let store = Store::open_with(&args.store, options).map_err(|error| {
-        format!(
-            "cannot open the session file {}: {error}",
-            args.store.display()
-        )
-    })?;
-    let mut layer = SessionLayer::new(store).secure(!args.insecure_cookies);
+/// Opens (or creates) the shared session file, or connects to Redis, and wraps it in a layer
+/// configured from the flags.
+pub(crate) async fn session_layer(
+    args: &ServerArgs,
+) -> Result<SessionLayer, Box<dyn std::error::Error>> {
+    let lease_timeout = args.lease_timeout_ms.map(Duration::from_millis);
+    let layer = match (&args.store, &args.redis) {
+        (None, Some(url)) => {
+            let mut config = RedisConfig::new(url.as_str());
+            if let Some(timeout) = lease_timeout {
+                config = config.lease_timeout(timeout);
+            }
+            let backend = config
+                .connect()
+                .await
+                .map_err(|error| format!("cannot use Redis for the sessions: {error}"))?;
+            SessionLayer::new(backend)
+        }
+        (Some(path), None) => {
+            let mut options = Options::new();
+            if let Some(timeout) = lease_timeout {
+                options = options.lease_timeout(timeout);
+            }
+            let store = Store::open_with(path, options).map_err(|error| {
+                format!("cannot open the session file {}: {error}", path.display())
+            })?;
+            SessionLayer::new(store)
+        }
+        _ => return Err("give exactly one of --store PATH and --redis URL".into()),
+    };
+    let mut layer = layer.secure(!args.insecure_cookies);
     if let Some(ms) = args.lease_wait_ms {
         layer = layer.lease_wait(Duration::from_millis(ms));
     }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use mmap_session_redis::test_server::RedisServer;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use reqwest::header::{COOKIE, SET_COOKIE};
@@ -55,6 +56,7 @@ pub(crate) fn example(name: &str) -> PathBuf {
         "examples/common",
         "crates/mmap-session/src",
         "crates/mmap-session-store/src",
+        "crates/mmap-session-redis/src",
     ];
     for source in sources {
         let source = root.join(source);
@@ -605,8 +607,17 @@ impl Chance {
     }
 }
 
-/// Several copies of one example server sharing one session file, behind nginx, in a temporary
-/// directory of their own. Dropping it kills every process it started.
+/// Where the copies of a [`Cluster`] keep their sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sessions {
+    /// One session file in the cluster's directory (`--store`).
+    File,
+    /// A redis-server that the cluster starts for itself on a free port (`--redis`).
+    Redis,
+}
+
+/// Several copies of one example server sharing one session file (or one Redis), behind nginx, in
+/// a temporary directory of their own. Dropping it kills every process it started.
 pub(crate) struct Cluster {
     pub(crate) client: reqwest::Client,
     pub(crate) nginx: Nginx,
@@ -614,6 +625,7 @@ pub(crate) struct Cluster {
     ports: Vec<u16>,
     example: PathBuf,
     store: PathBuf,
+    redis: Option<RedisServer>,
     extra_args: Vec<String>,
     starts: usize,
     // Last: removed after every process above has been killed.
@@ -624,7 +636,17 @@ impl Cluster {
     /// Starts `copies` copies of the example `name` (with `--insecure-cookies` and `extra_args`)
     /// and nginx in front of them, and waits until all answer.
     pub(crate) async fn start(name: &str, copies: usize, extra_args: &[&str]) -> Self {
-        Self::start_with(name, copies, extra_args, "", |_| {}).await
+        Self::start_on(Sessions::File, name, copies, extra_args).await
+    }
+
+    /// Like [`Cluster::start`], with the sessions where `sessions` says.
+    pub(crate) async fn start_on(
+        sessions: Sessions,
+        name: &str,
+        copies: usize,
+        extra_args: &[&str],
+    ) -> Self {
+        Self::launch(sessions, name, copies, extra_args, "", |_| {}).await
     }
 
     /// Like [`Cluster::start`], with extra directives for nginx's proxying `location` (see
@@ -637,7 +659,28 @@ impl Cluster {
         nginx_directives: &str,
         prepare: impl FnOnce(&Path),
     ) -> Self {
+        Self::launch(
+            Sessions::File,
+            name,
+            copies,
+            extra_args,
+            nginx_directives,
+            prepare,
+        )
+        .await
+    }
+
+    async fn launch(
+        sessions: Sessions,
+        name: &str,
+        copies: usize,
+        extra_args: &[&str],
+        nginx_directives: &str,
+        prepare: impl FnOnce(&Path),
+    ) -> Self {
         let example = example(name);
+        let redis = (sessions == Sessions::Redis)
+            .then(|| RedisServer::start().unwrap_or_else(|error| panic!("{error}")));
         let dir = tempfile::tempdir().expect("create a temporary directory");
         prepare(&dir.path().join("sessions"));
         let ports: Vec<u16> = (0..copies).map(|_| free_port()).collect();
@@ -649,6 +692,7 @@ impl Cluster {
             ports,
             example,
             store: dir.path().join("sessions"),
+            redis,
             extra_args: extra_args.iter().map(|&arg| arg.to_owned()).collect(),
             starts: 0,
             dir,
@@ -676,9 +720,12 @@ impl Cluster {
         let mut command = Command::new(&self.example);
         command
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.ports[index]))
-            .arg("--store")
-            .arg(&self.store)
+            .arg(format!("127.0.0.1:{}", self.ports[index]));
+        match &self.redis {
+            Some(redis) => command.arg("--redis").arg(redis.url()),
+            None => command.arg("--store").arg(&self.store),
+        };
+        command
             .arg("--insecure-cookies")
             .args(&self.extra_args)
             .env(
@@ -777,9 +824,14 @@ impl Cluster {
             .sum()
     }
 
-    /// The shared session file.
+    /// The shared session file (unused when the sessions are in Redis).
     pub(crate) fn store_path(&self) -> &Path {
         &self.store
+    }
+
+    /// The Redis server holding the sessions, if they are in Redis.
+    pub(crate) fn redis(&self) -> Option<&RedisServer> {
+        self.redis.as_ref()
     }
 
     pub(crate) fn dir(&self) -> &Path {

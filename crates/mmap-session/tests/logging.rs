@@ -8,14 +8,13 @@ mod common;
 
 use std::io;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
-use common::{cookie_pair, id_of, send, set_cookies};
-use mmap_session::store::{Options, Store};
-use mmap_session::{Session, SessionError, SessionId, SessionLayer};
+use common::{cookie_pair, id_of, send, set_cookies, Kind};
+use mmap_session::{BackendLease as _, Session, SessionError, SessionId, SessionLayer};
 use tracing_subscriber::fmt::MakeWriter;
 
 #[derive(Clone, Default)]
@@ -50,20 +49,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_raw_id_never_appears_in_logs() {
-    let capture = Capture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(capture.clone())
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).unwrap();
-
-    let dir = tempfile::tempdir().unwrap();
+/// Goes through what the layer logs about (new, unknown, too large, busy, cycled, flushed
+/// sessions) on storage of `kind`, and returns the ids involved.
+async fn log_worthy_requests(kind: Kind) -> Vec<SessionId> {
     // Small values only, so that a large session fails at commit inside the store.
-    let store =
-        Store::open_with(dir.path().join("s"), Options::default().max_value_len(200)).unwrap();
+    let store = kind.store_with_max_value_len(200).await;
     let app = Router::new()
         .route("/n", post(increment))
         .route(
@@ -99,15 +89,10 @@ async fn the_raw_id_never_appears_in_logs() {
     assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
 
     // Lease wait timeout.
-    let held = store
-        .lease_blocking(
-            id_of(&pair).as_bytes(),
-            Instant::now() + Duration::from_secs(1),
-        )
-        .unwrap();
+    let held = store.hold(id_of(&pair).as_bytes()).await;
     let busy = send(&app, "POST", "/n", Some(&pair)).await;
     assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
-    drop(held);
+    held.release().await;
 
     // Cycle, then flush.
     let cycled = send(&app, "POST", "/login", Some(&pair)).await;
@@ -115,6 +100,23 @@ async fn the_raw_id_never_appears_in_logs() {
     ids.push(id_of(&cycled_pair));
     let flushed = send(&app, "POST", "/logout", Some(&cycled_pair)).await;
     assert_eq!(set_cookies(&flushed).len(), 1);
+
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raw_id_never_appears_in_logs() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(capture.clone())
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let mut ids = log_worthy_requests(Kind::File).await;
+    // The Redis backend logs too (and its client library must not see an id either).
+    ids.extend(log_worthy_requests(Kind::Redis).await);
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(!logs.is_empty());
@@ -126,7 +128,7 @@ async fn the_raw_id_never_appears_in_logs() {
         );
     }
     // The sessions are still traceable by their short hash.
-    for id in [ids[0], ids[3]] {
+    for id in [ids[0], ids[3], ids[4], ids[7]] {
         assert!(
             logs.contains(&id.short_hash().to_string()),
             "no line names session {}:\n{logs}",

@@ -9,16 +9,158 @@ use axum::body::Body;
 use axum::http::{header, Request, Response};
 use axum::Router;
 use http_body_util::BodyExt as _;
-use mmap_session::store::{Lease, Store};
-use mmap_session::{BackendError, SessionBackend, SessionId, StoredRecord};
+use mmap_session::store::{Lease, Options, Store};
+use mmap_session::{BackendError, BackendLease, SessionBackend, SessionId, StoredRecord};
+use mmap_session_redis::test_server::RedisServer;
+use mmap_session_redis::{RedisBackend, RedisConfig, RedisLease};
 use tempfile::TempDir;
 use tower::ServiceExt as _;
 
-/// A store in its own temporary directory (kept alive by the returned `TempDir`).
-pub fn temp_store() -> (TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("sessions")).unwrap();
-    (dir, store)
+/// The backends the route tests run on.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    /// The memory-mapped file, in a temporary directory of the test's own.
+    File,
+    /// Redis: a redis-server of the test's own, on a free port, in a temporary directory.
+    Redis,
+}
+
+impl Kind {
+    /// Fresh, empty storage of this kind with the default limits.
+    pub async fn store(self) -> TestStore {
+        self.store_with_max_value_len(None).await
+    }
+
+    /// Fresh, empty storage of this kind that refuses records over `max` bytes (if given).
+    pub async fn store_with_max_value_len(self, max: impl Into<Option<usize>>) -> TestStore {
+        let max = max.into();
+        match self {
+            Kind::File => {
+                let dir = tempfile::tempdir().unwrap();
+                let mut options = Options::default();
+                if let Some(max) = max {
+                    options = options.max_value_len(max);
+                }
+                let store = Store::open_with(dir.path().join("sessions"), options).unwrap();
+                TestStore {
+                    backend: Backend::File(store),
+                    _keep: Arc::new(Keep::Dir(dir)),
+                }
+            }
+            Kind::Redis => {
+                let server = RedisServer::start().unwrap();
+                let mut config = RedisConfig::new(server.url());
+                if let Some(max) = max {
+                    config = config.max_value_len(max);
+                }
+                let backend = config.connect().await.unwrap();
+                TestStore {
+                    backend: Backend::Redis(backend),
+                    _keep: Arc::new(Keep::Server(server)),
+                }
+            }
+        }
+    }
+}
+
+/// What a [`TestStore`] keeps alive: the store's directory or the Redis server.
+#[derive(Debug)]
+enum Keep {
+    Dir(#[allow(dead_code)] TempDir),
+    Server(#[allow(dead_code)] RedisServer),
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    File(Store),
+    Redis(RedisBackend),
+}
+
+/// Storage of either kind, as the layer sees it, and as a test looks into it.
+#[derive(Clone, Debug)]
+pub struct TestStore {
+    backend: Backend,
+    _keep: Arc<Keep>,
+}
+
+impl TestStore {
+    /// The last committed record of `key` (what a copy of the application would read).
+    pub async fn get(&self, key: &[u8]) -> Option<StoredRecord> {
+        self.get_unleased(key).await.unwrap()
+    }
+
+    /// Takes `key`'s lease, as another request holding the session would.
+    pub async fn hold(&self, key: &[u8]) -> TestLease {
+        self.lease(key, Instant::now() + std::time::Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+}
+
+/// A lease of a [`TestStore`].
+#[derive(Debug)]
+pub enum TestLease {
+    File(Lease),
+    Redis(RedisLease),
+}
+
+impl SessionBackend for TestStore {
+    type Lease = TestLease;
+
+    async fn lease(&self, key: &[u8], deadline: Instant) -> Result<TestLease, BackendError> {
+        Ok(match &self.backend {
+            Backend::File(store) => TestLease::File(store.lease(key, deadline).await?),
+            Backend::Redis(redis) => TestLease::Redis(redis.lease(key, deadline).await?),
+        })
+    }
+
+    async fn get_unleased(&self, key: &[u8]) -> Result<Option<StoredRecord>, BackendError> {
+        match &self.backend {
+            Backend::File(store) => store.get_unleased(key).await,
+            Backend::Redis(redis) => redis.get_unleased(key).await,
+        }
+    }
+
+    async fn exists(&self, key: &[u8]) -> Result<bool, BackendError> {
+        match &self.backend {
+            Backend::File(store) => SessionBackend::exists(store, key).await,
+            Backend::Redis(redis) => redis.exists(key).await,
+        }
+    }
+}
+
+impl BackendLease for TestLease {
+    async fn load(&mut self) -> Result<Option<StoredRecord>, BackendError> {
+        match self {
+            TestLease::File(lease) => BackendLease::load(lease).await,
+            TestLease::Redis(lease) => lease.load().await,
+        }
+    }
+
+    async fn commit(
+        &mut self,
+        value: &[u8],
+        expires_at: std::time::SystemTime,
+    ) -> Result<(), BackendError> {
+        match self {
+            TestLease::File(lease) => BackendLease::commit(lease, value, expires_at).await,
+            TestLease::Redis(lease) => lease.commit(value, expires_at).await,
+        }
+    }
+
+    async fn remove(&mut self) -> Result<(), BackendError> {
+        match self {
+            TestLease::File(lease) => BackendLease::remove(lease).await,
+            TestLease::Redis(lease) => lease.remove().await,
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            TestLease::File(lease) => BackendLease::release(lease).await,
+            TestLease::Redis(lease) => lease.release().await,
+        }
+    }
 }
 
 /// Sends one request through `app`, with `cookie` (a `name=value` pair) if given.
@@ -75,13 +217,13 @@ pub fn id_of(pair: &str) -> SessionId {
 /// A backend that counts what the layer asks of the store.
 #[derive(Clone, Debug)]
 pub struct Counting {
-    pub store: Store,
+    pub store: TestStore,
     pub leases: Arc<AtomicUsize>,
     pub unleased_reads: Arc<AtomicUsize>,
 }
 
 impl Counting {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: TestStore) -> Self {
         Self {
             store,
             leases: Arc::default(),
@@ -99,9 +241,9 @@ impl Counting {
 }
 
 impl SessionBackend for Counting {
-    type Lease = Lease;
+    type Lease = TestLease;
 
-    async fn lease(&self, key: &[u8], deadline: Instant) -> Result<Lease, BackendError> {
+    async fn lease(&self, key: &[u8], deadline: Instant) -> Result<TestLease, BackendError> {
         self.leases.fetch_add(1, Ordering::SeqCst);
         SessionBackend::lease(&self.store, key, deadline).await
     }
@@ -115,13 +257,13 @@ impl SessionBackend for Counting {
 /// A backend that can be told to fail the removal of one key, and remembers which keys it committed.
 #[derive(Clone, Debug)]
 pub struct Faulty {
-    pub store: Store,
+    pub store: TestStore,
     pub fail_remove_of: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
     pub committed: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
 }
 
 impl Faulty {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: TestStore) -> Self {
         Self {
             store,
             fail_remove_of: Arc::default(),
@@ -133,7 +275,7 @@ impl Faulty {
 #[derive(Debug)]
 pub struct FaultyLease {
     key: Vec<u8>,
-    lease: Lease,
+    lease: TestLease,
     backend: Faulty,
 }
 

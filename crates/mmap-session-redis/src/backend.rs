@@ -1,0 +1,549 @@
+//! [`RedisBackend`] and [`RedisLease`]: the layer's storage trait on Redis.
+
+use std::fmt;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use fred::clients::Pool;
+use fred::interfaces::{ClientLike as _, KeysInterface as _, PubsubInterface as _};
+use fred::prelude::{Builder, Config, ReconnectPolicy, Value};
+use fred::types::scripts::Script;
+use mmap_session::{BackendError, BackendLease, SessionBackend, StoredRecord};
+use tokio::task::{AbortHandle, JoinHandle};
+
+use crate::config::{redacted, RedisConfig};
+use crate::keys::{release_channel, SessionKeys};
+use crate::record;
+use crate::scripts::Scripts;
+use crate::wake::{self, Waiters};
+use crate::RedisError;
+
+/// First gap between two tries of a busy lease when no release message arrives.
+const POLL_MIN: Duration = Duration::from_millis(10);
+/// Longest gap between two such tries.
+const POLL_MAX: Duration = Duration::from_millis(250);
+/// What the log says when a lease is taken that its previous holder never released.
+const TAKEOVER: &str = "took over an expired lease that its holder never released";
+
+/// Sessions in Redis (or Valkey), with the same busy lease per session as the memory-mapped store:
+/// a [`SessionBackend`] for [`SessionLayer::new`](mmap_session::SessionLayer::new), for sessions
+/// shared by processes on several machines.
+///
+/// A cheap clone: clones share the connection pool. See the crate documentation for what is kept
+/// in Redis and what is guaranteed.
+///
+/// # Examples
+///
+/// ```no_run
+/// use axum::{routing::get, Router};
+/// use mmap_session::{Session, SessionError, SessionLayer};
+/// use mmap_session_redis::RedisBackend;
+///
+/// async fn count(session: Session) -> Result<String, SessionError> {
+///     let n: u64 = session.get("n").await?.unwrap_or(0) + 1;
+///     session.insert("n", n).await?;
+///     Ok(format!("visit {n}"))
+/// }
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let backend = RedisBackend::connect("redis://127.0.0.1:6379").await?;
+/// let app: Router = Router::new().route("/", get(count)).layer(SessionLayer::new(backend));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    scripts: Scripts,
+    waiters: Arc<Waiters>,
+    prefix: String,
+    channel: String,
+    lease_timeout: Duration,
+    max_value_len: usize,
+    /// The connection, subscription and dispatch tasks, stopped when the last clone goes.
+    tasks: Vec<AbortHandle>,
+    url: String,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("url", &redacted(&self.inner.url))
+            .field("key_prefix", &self.inner.prefix)
+            .field("lease_timeout", &self.inner.lease_timeout)
+            .field("max_value_len", &self.inner.max_value_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// Connects to the server at `url` with the defaults of [`RedisConfig::new`].
+    ///
+    /// # Errors
+    ///
+    /// See [`RedisConfig::connect`].
+    pub async fn connect(url: &str) -> Result<Self, RedisError> {
+        RedisConfig::new(url).connect().await
+    }
+
+    /// A configuration to adjust before connecting: the same as [`RedisConfig::new`].
+    pub fn builder(url: impl Into<String>) -> RedisConfig {
+        RedisConfig::new(url)
+    }
+
+    pub(crate) async fn from_config(config: RedisConfig) -> Result<Self, RedisError> {
+        if config.pool_size == 0 {
+            return Err(RedisError::Config("the pool needs at least one connection"));
+        }
+        if config.lease_timeout.as_millis() == 0 {
+            return Err(RedisError::Config(
+                "the lease time-out must be at least 1 ms",
+            ));
+        }
+        let server =
+            Config::from_url(&config.url).map_err(|source| RedisError::InvalidUrl { source })?;
+        let mut builder = Builder::from_config(server);
+        builder
+            .with_connection_config(|connection| {
+                connection.connection_timeout = config.command_timeout;
+                connection.internal_command_timeout = config.command_timeout;
+            })
+            .with_performance_config(|performance| {
+                performance.default_command_timeout = config.command_timeout;
+            })
+            // Reconnect for ever (100 ms to 2 s apart); commands meanwhile fail by their time-out.
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+        let connect = |source| RedisError::Connect { source };
+        let pool = builder.build_pool(config.pool_size).map_err(connect)?;
+        let subscriber = builder.build_subscriber_client().map_err(connect)?;
+
+        let mut tasks = Vec::new();
+        tasks.push(pool.init().await.map_err(connect)?.abort_handle());
+        tasks.push(subscriber.init().await.map_err(connect)?.abort_handle());
+        tasks.push(subscriber.manage_subscriptions().abort_handle());
+        let channel = release_channel(&config.key_prefix);
+        let waiters = Arc::new(Waiters::default());
+        // Listen before subscribing, so that no release after `connect` returns is missed.
+        tasks.push(
+            tokio::spawn(wake::dispatch(
+                &subscriber,
+                channel.clone(),
+                Arc::clone(&waiters),
+            ))
+            .abort_handle(),
+        );
+        subscriber
+            .subscribe(channel.clone())
+            .await
+            .map_err(connect)?;
+        tracing::debug!(
+            url = %redacted(&config.url),
+            prefix = %config.key_prefix,
+            "connected to Redis"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                scripts: Scripts::new(),
+                waiters,
+                prefix: config.key_prefix,
+                channel,
+                lease_timeout: config.lease_timeout,
+                max_value_len: config.max_value_len,
+                tasks,
+                url: config.url,
+            }),
+        })
+    }
+
+    /// The prefix of every key this backend writes.
+    pub fn key_prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+}
+
+impl Inner {
+    /// Runs one of the scripts on `keys`.
+    async fn run(
+        &self,
+        script: &Script,
+        command: &'static str,
+        keys: &SessionKeys,
+        args: Vec<Value>,
+    ) -> Result<Value, RedisError> {
+        script
+            .evalsha_with_reload::<Value, _, _>(self.pool.next(), keys.all(), args)
+            .await
+            .map_err(failed(command))
+    }
+
+    /// One try at the lease.
+    async fn try_acquire(&self, keys: &SessionKeys, token: &str) -> Result<Attempt, RedisError> {
+        let generation_life = self
+            .lease_timeout
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(10));
+        let reply = self
+            .run(
+                &self.scripts.acquire,
+                "acquire lease",
+                keys,
+                vec![
+                    Value::from(token),
+                    Value::from(millis(self.lease_timeout)),
+                    Value::from(millis(generation_life)),
+                ],
+            )
+            .await?;
+        let unexpected = |reply: &Value| RedisError::UnexpectedReply {
+            command: "acquire lease",
+            reply: format!("{:?}", reply.kind()),
+        };
+        let Value::Array(parts) = &reply else {
+            return Err(unexpected(&reply));
+        };
+        match parts.as_slice() {
+            [Value::Integer(0), Value::Integer(pttl)] => Ok(Attempt::Held {
+                remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
+            }),
+            [Value::Integer(1), Value::Integer(generation), Value::Integer(overdue), rest @ ..] => {
+                let stored = match rest {
+                    [] | [Value::Null] => None,
+                    [value] => Some(value.as_bytes().ok_or_else(|| unexpected(&reply))?.to_vec()),
+                    _ => return Err(unexpected(&reply)),
+                };
+                Ok(Attempt::Taken {
+                    generation: u64::try_from(*generation).unwrap_or_default(),
+                    overdue: *overdue == 1,
+                    stored,
+                })
+            }
+            _ => Err(unexpected(&reply)),
+        }
+    }
+
+    /// Releases the lease of `token` on `keys`, if it still holds it, and wakes this process's
+    /// waiters at once (other processes' are woken by the published message).
+    async fn release(&self, keys: &SessionKeys, token: &str) {
+        let args = vec![
+            Value::from(token),
+            Value::from(self.channel.as_str()),
+            Value::from(keys.hash.as_str()),
+        ];
+        match self
+            .run(&self.scripts.release, "release lease", keys, args)
+            .await
+        {
+            Ok(Value::Integer(1)) => self.waiters.wake(&keys.hash),
+            Ok(_) => {
+                tracing::debug!(
+                    key = keys.short(),
+                    "lease not released: it was no longer held"
+                );
+            }
+            Err(error) => tracing::warn!(
+                key = keys.short(),
+                error = %error,
+                "cannot release a session lease; it expires by its time-out"
+            ),
+        }
+    }
+
+    fn decode(&self, keys: &SessionKeys, stored: &[u8]) -> Option<StoredRecord> {
+        match record::decode(stored, SystemTime::now()) {
+            Ok(record) => record,
+            Err(record::Malformed) => {
+                tracing::warn!(
+                    key = keys.short(),
+                    len = stored.len(),
+                    "a stored session record is too short to be one; treating it as absent"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// What one try at a lease found.
+enum Attempt {
+    /// Someone else holds it, for `remaining` more (`None`: no expiry on the lease key).
+    Held { remaining: Option<Duration> },
+    /// It is ours now.
+    Taken {
+        generation: u64,
+        overdue: bool,
+        stored: Option<Vec<u8>>,
+    },
+}
+
+/// Makes a client error into the backend's error for `command`.
+fn failed(command: &'static str) -> impl FnOnce(fred::error::Error) -> RedisError {
+    move |source| RedisError::Command { command, source }
+}
+
+/// Milliseconds, rounded up, at least 1 (a TTL of 0 would be refused or expire at once).
+fn millis(duration: Duration) -> i64 {
+    let ms = duration.as_micros().div_ceil(1000).max(1);
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// 128 random bits, in hex: whose a lease is.
+fn new_token() -> Result<String, BackendError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|error| {
+        BackendError::Io(std::io::Error::other(format!(
+            "the OS random number generator failed: {error}"
+        )))
+    })?;
+    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+/// A lease that may be held on the server: released when dropped unless disarmed.
+///
+/// Dropping runs the release script as a task on the current tokio runtime; without a runtime the
+/// lease expires by its time-out.
+struct Holding {
+    inner: Arc<Inner>,
+    keys: SessionKeys,
+    token: String,
+    armed: bool,
+}
+
+impl Holding {
+    /// Starts releasing the lease (once), in a task of its own so that it completes even if the
+    /// caller is cancelled. `None` if there is nothing to release or no runtime to do it on.
+    fn start_release(&mut self) -> Option<JoinHandle<()>> {
+        if !std::mem::replace(&mut self.armed, false) {
+            return None;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::debug!(
+                key = self.keys.short(),
+                "no tokio runtime to release a lease on; it expires by its time-out"
+            );
+            return None;
+        };
+        let inner = Arc::clone(&self.inner);
+        let keys = self.keys.clone();
+        let token = self.token.clone();
+        Some(runtime.spawn(async move { inner.release(&keys, &token).await }))
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        drop(self.start_release());
+    }
+}
+
+impl SessionBackend for RedisBackend {
+    type Lease = RedisLease;
+
+    async fn lease(&self, key: &[u8], deadline: Instant) -> Result<RedisLease, BackendError> {
+        let inner = &self.inner;
+        let keys = SessionKeys::new(&inner.prefix, key);
+        let token = new_token()?;
+        let waiting = inner.waiters.register(&keys.hash);
+        let mut poll = POLL_MIN;
+        loop {
+            // Registered before the try, so that a release right after it is not missed.
+            let mut released = pin!(waiting.notify.notified());
+            released.as_mut().enable();
+            // If this future is dropped while the script runs, the guard releases what it may
+            // have taken.
+            let mut holding = Holding {
+                inner: Arc::clone(inner),
+                keys: keys.clone(),
+                token: token.clone(),
+                armed: true,
+            };
+            let remaining = match inner.try_acquire(&keys, &token).await? {
+                Attempt::Taken {
+                    generation,
+                    overdue,
+                    stored,
+                } => {
+                    if overdue && generation > 1 {
+                        tracing::warn!(key = keys.short(), generation, "{TAKEOVER}");
+                    }
+                    return Ok(RedisLease {
+                        holding,
+                        generation,
+                        stored,
+                    });
+                }
+                Attempt::Held { remaining } => {
+                    holding.armed = false;
+                    remaining
+                }
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(BackendError::LeaseTimeout);
+            }
+            // Woken by the release message; polling (with back-off, and when the lease is due to
+            // expire, since expiry publishes nothing) is only the fallback.
+            let mut wait = poll.min(deadline - now);
+            if let Some(remaining) = remaining {
+                wait = wait.min(remaining.saturating_add(Duration::from_millis(1)));
+            }
+            tokio::select! {
+                () = released => {}
+                () = tokio::time::sleep(wait) => poll = (poll * 2).min(POLL_MAX),
+            }
+        }
+    }
+
+    async fn get_unleased(&self, key: &[u8]) -> Result<Option<StoredRecord>, BackendError> {
+        let keys = SessionKeys::new(&self.inner.prefix, key);
+        let stored: Value = self
+            .inner
+            .pool
+            .get(keys.record.as_str())
+            .await
+            .map_err(failed("GET"))?;
+        Ok(match stored.as_bytes() {
+            Some(bytes) => self.inner.decode(&keys, bytes),
+            None => None,
+        })
+    }
+
+    async fn exists(&self, key: &[u8]) -> Result<bool, BackendError> {
+        let keys = SessionKeys::new(&self.inner.prefix, key);
+        let count: i64 = self
+            .inner
+            .pool
+            .exists(keys.record.as_str())
+            .await
+            .map_err(failed("EXISTS"))?;
+        Ok(count > 0)
+    }
+}
+
+/// A held busy lease on one session in Redis.
+///
+/// Dropping it without [`BackendLease::release`] releases it all the same, from a task spawned on
+/// the current tokio runtime; where no runtime is running, the lease expires by the configured
+/// time-out instead.
+pub struct RedisLease {
+    holding: Holding,
+    generation: u64,
+    /// The stored record as read when the lease was taken, kept up to date by commit and remove
+    /// (nobody else writes it while the lease is held).
+    stored: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for RedisLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLease")
+            .field("key", &self.holding.keys.short())
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLease {
+    /// The lease's fencing generation: it increases with every lease taken on the session.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Runs a write script that checks the lease first, with the token in front of `args`.
+    async fn fenced(
+        &mut self,
+        script: fn(&Scripts) -> &Script,
+        command: &'static str,
+        args: Vec<Value>,
+    ) -> Result<(), BackendError> {
+        let holding = &self.holding;
+        let inner = &holding.inner;
+        let mut all = vec![Value::from(holding.token.as_str())];
+        all.extend(args);
+        match inner
+            .run(script(&inner.scripts), command, &holding.keys, all)
+            .await?
+        {
+            Value::Integer(1) => Ok(()),
+            Value::Integer(0) => {
+                tracing::warn!(
+                    key = holding.keys.short(),
+                    generation = self.generation,
+                    "the session's lease expired before the write; nothing was written"
+                );
+                Err(BackendError::LeaseLost)
+            }
+            other => Err(RedisError::UnexpectedReply {
+                command,
+                reply: format!("{:?}", other.kind()),
+            }
+            .into()),
+        }
+    }
+}
+
+impl BackendLease for RedisLease {
+    async fn load(&mut self) -> Result<Option<StoredRecord>, BackendError> {
+        Ok(match &self.stored {
+            Some(stored) => self.holding.inner.decode(&self.holding.keys, stored),
+            None => None,
+        })
+    }
+
+    async fn commit(&mut self, value: &[u8], expires_at: SystemTime) -> Result<(), BackendError> {
+        let max = self.holding.inner.max_value_len;
+        if value.len() > max {
+            return Err(BackendError::TooLarge {
+                len: value.len(),
+                max,
+            });
+        }
+        // The TTL is relative, from this machine's clock, so that a clock difference with the
+        // Redis host does not shift it; the absolute expiry travels in the value.
+        let Ok(ttl) = expires_at.duration_since(SystemTime::now()) else {
+            // Already expired: what is left to store is nothing.
+            return self.remove().await;
+        };
+        if ttl.is_zero() {
+            return self.remove().await;
+        }
+        let stored = record::encode(value, expires_at);
+        self.fenced(
+            |scripts| &scripts.commit,
+            "commit record",
+            vec![
+                Value::Bytes(stored.clone().into()),
+                Value::from(millis(ttl)),
+            ],
+        )
+        .await?;
+        self.stored = Some(stored);
+        Ok(())
+    }
+
+    async fn remove(&mut self) -> Result<(), BackendError> {
+        self.fenced(|scripts| &scripts.remove, "remove record", Vec::new())
+            .await?;
+        self.stored = None;
+        Ok(())
+    }
+
+    async fn release(mut self) {
+        if let Some(task) = self.holding.start_release() {
+            // A failed join means the runtime is shutting down; the lease then expires.
+            let _ = task.await;
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! What can go wrong talking to Redis, with what to do about it.
+
+/// Why connecting to Redis, or a command sent to it, failed.
+///
+/// Operations of the [`SessionBackend`](mmap_session::SessionBackend) trait report these inside
+/// [`BackendError::Other`](mmap_session::BackendError::Other); the layer logs them and answers
+/// `500`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisError {
+    /// The URL is not a Redis URL fred understands.
+    #[error("invalid Redis URL (expected redis://[user:password@]host[:port][/db]): {source}")]
+    InvalidUrl {
+        /// The parser's complaint.
+        #[source]
+        source: fred::error::Error,
+    },
+    /// The first connection (or the subscription for lease releases) could not be made.
+    #[error("cannot connect to Redis: {source}; check that the server runs and the URL is right")]
+    Connect {
+        /// The client's error.
+        #[source]
+        source: fred::error::Error,
+    },
+    /// A command failed: the connection broke, the server refused it or did not answer in time.
+    #[error("the Redis command `{command}` failed: {source}")]
+    Command {
+        /// Which of the backend's commands or scripts failed.
+        command: &'static str,
+        /// The client's error.
+        #[source]
+        source: fred::error::Error,
+    },
+    /// Redis answered something the backend's scripts never return (another program writing the
+    /// same keys, or a server that is not Redis-compatible).
+    #[error("unexpected reply from Redis to `{command}`: {reply}")]
+    UnexpectedReply {
+        /// The command whose reply was unexpected.
+        command: &'static str,
+        /// The reply, summarised (never a stored value).
+        reply: String,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid Redis backend configuration: {0}")]
+    Config(&'static str),
+}
+
+impl From<RedisError> for mmap_session::BackendError {
+    fn from(error: RedisError) -> Self {
+        mmap_session::BackendError::Other(Box::new(error))
+    }
+}

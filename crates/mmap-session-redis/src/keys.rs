@@ -1,0 +1,74 @@
+//! The names the backend gives a session's keys in Redis: only a BLAKE3 hash of the layer's key.
+
+/// The Redis keys of one session.
+///
+/// `{prefix}{<hash>}` holds the record, `{prefix}{<hash>}:lease` the busy lease and
+/// `{prefix}{<hash>}:gen` the lease generation counter. The braces are a Redis Cluster hash tag:
+/// the three keys of one session live in one slot, so one script can touch them together.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionKeys {
+    /// Hex BLAKE3 hash of the layer's key: what a release publishes.
+    pub(crate) hash: String,
+    pub(crate) record: String,
+    pub(crate) lease: String,
+    pub(crate) generation: String,
+}
+
+impl SessionKeys {
+    pub(crate) fn new(prefix: &str, key: &[u8]) -> Self {
+        let hash = blake3::hash(key).to_hex().to_string();
+        let record = format!("{prefix}{{{hash}}}");
+        Self {
+            lease: format!("{record}:lease"),
+            generation: format!("{record}:gen"),
+            record,
+            hash,
+        }
+    }
+
+    /// The first 8 hex characters of the hash: how logs name the session (the same as the layer's
+    /// `ShortHash` of the id).
+    pub(crate) fn short(&self) -> &str {
+        self.hash.get(..8).unwrap_or(&self.hash)
+    }
+
+    /// The three keys, in the order the scripts expect them.
+    pub(crate) fn all(&self) -> Vec<String> {
+        vec![
+            self.lease.clone(),
+            self.generation.clone(),
+            self.record.clone(),
+        ]
+    }
+}
+
+/// The channel every release is published on, with the session's hash as the message.
+pub(crate) fn release_channel(prefix: &str) -> String {
+    format!("{prefix}released")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_hold_the_hash_and_not_the_key() {
+        let key = b"0123456789abcdef";
+        let keys = SessionKeys::new("app:", key);
+        assert_eq!(keys.hash.len(), 64);
+        for name in keys.all() {
+            assert!(name.starts_with("app:{"), "{name}");
+            assert!(!name.contains("0123456789abcdef"), "{name}");
+        }
+        assert_eq!(keys.short(), &keys.hash[..8]);
+        assert_eq!(keys.lease, format!("app:{{{}}}:lease", keys.hash));
+    }
+
+    #[test]
+    fn different_keys_get_different_names() {
+        let a = SessionKeys::new("p:", b"a");
+        let b = SessionKeys::new("p:", b"b");
+        assert_ne!(a.record, b.record);
+    }
+}

@@ -1,0 +1,55 @@
+//! A Redis (or Valkey) backend for [`mmap_session`]: the same busy lease per session as the
+//! memory-mapped file, for sessions shared by processes on several machines.
+//!
+//! Wrap a router in `SessionLayer::new(RedisBackend::connect(url).await?)`; every process (on any
+//! machine) that uses the same Redis and key prefix shares the sessions, and two requests of one
+//! session never lose each other's changes.
+//!
+//! # What is kept in Redis
+//!
+//! For each session, under the configured prefix and a BLAKE3 hash of the session's key (never the
+//! id itself):
+//!
+//! - `{prefix}{<hash>}`: the record, its absolute expiry in front of the layer's bytes, with a
+//!   Redis TTL that drops it when it expires;
+//! - `{prefix}{<hash>}:lease`: the busy lease, set with `NX` and a TTL of the lease time-out,
+//!   holding the holder's random token and the lease's fencing generation;
+//! - `{prefix}{<hash>}:gen`: the generation counter, which outlives every lease it numbered.
+//!
+//! Taking, committing under, removing under and releasing a lease are Lua scripts, each atomic on
+//! the server; commit, remove and release check the holder's token first, so a holder whose lease
+//! expired and was taken over writes nothing
+//! ([`BackendError::LeaseLost`](mmap_session::BackendError::LeaseLost)). A release publishes the
+//! session's hash on `{prefix}released`; waiters in every process are subscribed and try again at
+//! once. Polling with back-off (and at the moment a held lease expires) is only the fallback for a
+//! lost message.
+//!
+//! # Limits
+//!
+//! - What survives a crash of Redis is what its persistence settings (RDB, AOF and its `fsync`
+//!   policy) keep; a failover to a replica can lose the latest writes, and with them a lease.
+//! - A lease lives by its TTL: Redis cannot tell that its holder died, so a session whose holder
+//!   was killed waits until the lease time-out passes (the file store, which asks the kernel, takes
+//!   it over at once). Keep [`RedisConfig::lease_timeout`] above your slowest request and as short
+//!   as that allows.
+//! - A lease is only as good as Redis's clock: the lease TTL runs on the server.
+//! - One Redis server (or primary) is assumed; a Redis Cluster is not supported.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod backend;
+mod config;
+mod error;
+mod keys;
+mod record;
+mod scripts;
+#[cfg(feature = "test-server")]
+pub mod test_server;
+mod wake;
+
+pub use backend::{RedisBackend, RedisLease};
+pub use config::{
+    RedisConfig, DEFAULT_COMMAND_TIMEOUT, DEFAULT_KEY_PREFIX, DEFAULT_LEASE_TIMEOUT,
+    DEFAULT_MAX_VALUE_LEN, DEFAULT_POOL_SIZE,
+};
+pub use error::RedisError;

@@ -127,6 +127,22 @@ impl SessionBackend for TestStore {
             Backend::Redis(redis) => redis.exists(key).await,
         }
     }
+
+    async fn lease_existing(
+        &self,
+        key: &[u8],
+        deadline: Instant,
+    ) -> Result<Option<TestLease>, BackendError> {
+        Ok(match &self.backend {
+            Backend::File(store) => SessionBackend::lease_existing(store, key, deadline)
+                .await?
+                .map(TestLease::File),
+            Backend::Redis(redis) => redis
+                .lease_existing(key, deadline)
+                .await?
+                .map(TestLease::Redis),
+        })
+    }
 }
 
 impl BackendLease for TestLease {

@@ -190,8 +190,13 @@ impl Inner {
             .map_err(failed(command))
     }
 
-    /// One try at the lease.
-    async fn try_acquire(&self, keys: &SessionKeys, token: &str) -> Result<Attempt, RedisError> {
+    /// One try at the lease; with `only_existing`, only if the record exists.
+    async fn try_acquire(
+        &self,
+        keys: &SessionKeys,
+        token: &str,
+        only_existing: bool,
+    ) -> Result<Attempt, RedisError> {
         let generation_life = self
             .lease_timeout
             .saturating_mul(2)
@@ -205,6 +210,7 @@ impl Inner {
                     Value::from(token),
                     Value::from(millis(self.lease_timeout)),
                     Value::from(millis(generation_life)),
+                    Value::from(if only_existing { "1" } else { "0" }),
                 ],
             )
             .await?;
@@ -216,6 +222,7 @@ impl Inner {
             return Err(unexpected(&reply));
         };
         match parts.as_slice() {
+            [Value::Integer(2)] => Ok(Attempt::Absent),
             [Value::Integer(0), Value::Integer(pttl)] => Ok(Attempt::Held {
                 remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
             }),
@@ -279,6 +286,8 @@ impl Inner {
 
 /// What one try at a lease found.
 enum Attempt {
+    /// The record was asked to exist and does not; nothing was taken.
+    Absent,
     /// Someone else holds it, for `remaining` more (`None`: no expiry on the lease key).
     Held { remaining: Option<Duration> },
     /// It is ours now.
@@ -349,10 +358,15 @@ impl Drop for Holding {
     }
 }
 
-impl SessionBackend for RedisBackend {
-    type Lease = RedisLease;
-
-    async fn lease(&self, key: &[u8], deadline: Instant) -> Result<RedisLease, BackendError> {
+impl RedisBackend {
+    /// Takes the lease of `key`, waiting until `deadline`; with `only_existing`, only while the
+    /// record exists (`None` once it does not, without any lease).
+    async fn lease_when(
+        &self,
+        key: &[u8],
+        deadline: Instant,
+        only_existing: bool,
+    ) -> Result<Option<RedisLease>, BackendError> {
         let inner = &self.inner;
         let keys = SessionKeys::new(&inner.prefix, key);
         let token = new_token()?;
@@ -370,7 +384,11 @@ impl SessionBackend for RedisBackend {
                 token: token.clone(),
                 armed: true,
             };
-            let remaining = match inner.try_acquire(&keys, &token).await? {
+            let remaining = match inner.try_acquire(&keys, &token, only_existing).await? {
+                Attempt::Absent => {
+                    holding.armed = false;
+                    return Ok(None);
+                }
                 Attempt::Taken {
                     generation,
                     overdue,
@@ -379,11 +397,11 @@ impl SessionBackend for RedisBackend {
                     if overdue && generation > 1 {
                         tracing::warn!(key = keys.short(), generation, "{TAKEOVER}");
                     }
-                    return Ok(RedisLease {
+                    return Ok(Some(RedisLease {
                         holding,
                         generation,
                         stored,
-                    });
+                    }));
                 }
                 Attempt::Held { remaining } => {
                     holding.armed = false;
@@ -405,6 +423,27 @@ impl SessionBackend for RedisBackend {
                 () = tokio::time::sleep(wait) => poll = (poll * 2).min(POLL_MAX),
             }
         }
+    }
+}
+
+impl SessionBackend for RedisBackend {
+    type Lease = RedisLease;
+
+    async fn lease(&self, key: &[u8], deadline: Instant) -> Result<RedisLease, BackendError> {
+        self.lease_when(key, deadline, false).await?.ok_or_else(|| {
+            BackendError::Other(
+                "the acquire script found no record, which was not asked for".into(),
+            )
+        })
+    }
+
+    /// One round trip for the presence check and the lease: the acquire script checks both.
+    async fn lease_existing(
+        &self,
+        key: &[u8],
+        deadline: Instant,
+    ) -> Result<Option<RedisLease>, BackendError> {
+        self.lease_when(key, deadline, true).await
     }
 
     async fn get_unleased(&self, key: &[u8]) -> Result<Option<StoredRecord>, BackendError> {

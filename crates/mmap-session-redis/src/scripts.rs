@@ -13,13 +13,18 @@ use fred::types::scripts::Script;
 
 /// Takes the lease if it is free.
 ///
-/// `ARGV`: token, lease time-out (ms), life of the generation counter (ms).
+/// `ARGV`: token, lease time-out (ms), life of the generation counter (ms), and `1` to take it
+/// only if the record exists (`0` otherwise).
 ///
-/// Returns `{0, pttl}` when the lease is held (`pttl`: its remaining time in ms, `-1` if it has no
+/// Returns `{2}` when the record was asked to exist and does not (no lease is taken), `{0, pttl}`
+/// when the lease is held (`pttl`: its remaining time in ms, `-1` if it has no
 /// expiry), or `{1, generation, overdue, record}` when taken: `overdue` is 1 when the previous
 /// lease was never released (its holder died or stalled and the lease expired), `record` the
 /// stored record or nil, read in the same step so that loading it costs no second round trip.
 const ACQUIRE: &str = r"
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
+  return {2}
+end
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl ~= -2 then
   return {0, pttl}

@@ -329,3 +329,40 @@ async fn connection_failures_are_errors_not_panics() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn lease_existing_takes_no_lease_for_a_session_without_a_record() {
+    bounded(async {
+        let (_server, backend) = start().await;
+        assert!(backend
+            .lease_existing(b"k", soon(1000))
+            .await
+            .unwrap()
+            .is_none());
+        // Nothing was left held: a plain lease is had at once.
+        let mut lease = backend.lease(b"k", soon(100)).await.unwrap();
+        lease.commit(b"v", in_an_hour()).await.unwrap();
+
+        // While held, lease_existing waits for it like lease does.
+        let other = backend.lease_existing(b"k", soon(100)).await;
+        assert!(
+            matches!(other, Err(BackendError::LeaseTimeout)),
+            "{other:?}"
+        );
+        lease.release().await;
+        let mut lease = backend
+            .lease_existing(b"k", soon(1000))
+            .await
+            .unwrap()
+            .expect("the record exists");
+        assert_eq!(lease.load().await.unwrap().unwrap().value, b"v");
+        lease.remove().await.unwrap();
+        lease.release().await;
+        assert!(backend
+            .lease_existing(b"k", soon(1000))
+            .await
+            .unwrap()
+            .is_none());
+    })
+    .await;
+}

@@ -16,7 +16,9 @@
 //! nothing), `mmap` (mmap-session over `--store`), `ts-memory` (tower-sessions 0.15 `MemoryStore`),
 //! `ts-redis` (tower-sessions 0.14 + tower-sessions-redis-store 0.16 over `--redis-url`),
 //! `ts-sqlite` (tower-sessions 0.14 + tower-sessions-sqlx-store 0.15 over `--sqlite-path`, WAL,
-//! `synchronous=NORMAL`). SIGTERM or Ctrl-C stops it gracefully.
+//! `synchronous=NORMAL`), `mmap-redis` (mmap-session over its Redis backend, `--redis-url`),
+//! `ts-mmap` (tower-sessions 0.15 over the file store through mmap-session-tower-sessions,
+//! `--store`). SIGTERM or Ctrl-C stops it gracefully.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -57,6 +59,10 @@ enum Backend {
     TsRedis,
     /// tower-sessions 0.14 with tower-sessions-sqlx-store 0.15 (SQLite, WAL).
     TsSqlite,
+    /// mmap-session over its Redis backend (mmap-session-redis).
+    MmapRedis,
+    /// tower-sessions 0.15 over the file store (mmap-session-tower-sessions).
+    TsMmap,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -81,10 +87,10 @@ struct Cli {
     large_bytes: usize,
     #[arg(long)]
     listen: SocketAddr,
-    /// The session file (`mmap`).
+    /// The session file (`mmap`, `ts-mmap`).
     #[arg(long)]
     store: Option<PathBuf>,
-    /// e.g. `redis://127.0.0.1:6379` (`ts-redis`).
+    /// e.g. `redis://127.0.0.1:6379` (`ts-redis`, `mmap-redis`).
     #[arg(long)]
     redis_url: Option<String>,
     /// The SQLite database file (`ts-sqlite`); created and migrated when missing.
@@ -284,6 +290,24 @@ async fn build(cli: &Cli) -> Result<Router, Box<dyn std::error::Error>> {
                 .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
             routes::<mmap_session::Session, mmap_session::ReadOnlySession>(app)
                 .layer(mmap_session::SessionLayer::new(store).secure(false))
+        }
+        Backend::MmapRedis => {
+            let url = required(&cli.redis_url, "--redis-url")?;
+            let pool_size = usize::try_from(cli.pool_size)?;
+            let backend = mmap_session_redis::RedisConfig::new(url.as_str())
+                .pool_size(pool_size)
+                .connect()
+                .await?;
+            routes::<mmap_session::Session, mmap_session::ReadOnlySession>(app)
+                .layer(mmap_session::SessionLayer::new(backend).secure(false))
+        }
+        Backend::TsMmap => {
+            let path = required(&cli.store, "--store")?;
+            let store = mmap_session::store::Store::open(path)
+                .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
+            let store = mmap_session_tower_sessions::MmapStore::new(store);
+            routes::<ts15::Session, ts15::Session>(app)
+                .layer(ts15::SessionManagerLayer::new(store).with_secure(false))
         }
         Backend::TsMemory => {
             let store = ts15::MemoryStore::default();

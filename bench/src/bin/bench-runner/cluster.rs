@@ -17,6 +17,8 @@ pub(crate) enum Backend {
     TsMemory,
     TsRedis,
     TsSqlite,
+    MmapRedis,
+    TsMmap,
 }
 
 impl Backend {
@@ -27,6 +29,8 @@ impl Backend {
             Self::TsMemory => "ts-memory",
             Self::TsRedis => "ts-redis",
             Self::TsSqlite => "ts-sqlite",
+            Self::MmapRedis => "mmap-redis",
+            Self::TsMmap => "ts-mmap",
         }
     }
 }
@@ -77,7 +81,7 @@ impl Cluster {
             _dir: dir,
         };
 
-        let redis_url = if backend == Backend::TsRedis {
+        let redis_url = if matches!(backend, Backend::TsRedis | Backend::MmapRedis) {
             let port = procs::free_port()?;
             let mut command = Command::new(&tools.redis);
             command

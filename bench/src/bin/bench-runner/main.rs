@@ -113,7 +113,7 @@ pub(crate) struct Case {
     pub(crate) processes: usize,
 }
 
-pub(crate) const CASES: [Case; 7] = [
+pub(crate) const CASES: [Case; 9] = [
     Case {
         id: "1a",
         label: "bare axum, 1 process",
@@ -154,6 +154,18 @@ pub(crate) const CASES: [Case; 7] = [
         id: "6",
         label: "tower-sessions 0.14 + SQLite (sqlx, WAL), 3 processes + nginx",
         backend: Backend::TsSqlite,
+        processes: 3,
+    },
+    Case {
+        id: "7",
+        label: "mmap-session + its Redis backend, 3 processes + nginx",
+        backend: Backend::MmapRedis,
+        processes: 3,
+    },
+    Case {
+        id: "8",
+        label: "tower-sessions 0.15 + mmap-session file store (adapter), 3 processes + nginx",
+        backend: Backend::TsMmap,
         processes: 3,
     },
 ];

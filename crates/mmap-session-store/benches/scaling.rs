@@ -31,11 +31,23 @@ use tempfile::TempDir;
 mod common;
 use common::{expiry, far_deadline, fmt_ns, keys, pct, store_rmw, time_each, value, Rng};
 
-const SIZES: [usize; 5] = [128, 1 << 10, 4 << 10, 16 << 10, 64 << 10];
+const SIZES: [(usize, &str); 5] = [
+    (128, "128 B"),
+    (1 << 10, "1 KiB"),
+    (4 << 10, "4 KiB"),
+    (16 << 10, "16 KiB"),
+    (64 << 10, "64 KiB"),
+];
 /// Keys stored for the size sweep: enough not to sit in one cache line, few enough that even
 /// 64 KiB values fill only 64 MiB.
 const SIZE_KEYS: usize = 1_000;
-const COUNTS: [usize; 5] = [1, 1_000, 10_000, 100_000, 1_000_000];
+const COUNTS: [(usize, &str); 5] = [
+    (1, "1"),
+    (1_000, "1,000"),
+    (10_000, "10,000"),
+    (100_000, "100,000"),
+    (1_000_000, "1,000,000"),
+];
 /// 1 KiB × 1,000,000 fills in seconds, so the count sweep uses the size of a typical session.
 const COUNT_VALUE: usize = 1 << 10;
 
@@ -139,13 +151,14 @@ fn operations(size: usize) -> usize {
 }
 
 struct OpRow {
-    label: String,
+    label: &'static str,
     rmw: Timing,
     get: Timing,
 }
 
 /// What one store occupies once filled.
 struct SpaceRow {
+    label: &'static str,
     count: usize,
     fill: Duration,
     /// `st_blocks * 512`: what the file takes on disk (it is reserved with `posix_fallocate`).
@@ -177,9 +190,10 @@ fn mapping_rss(path: &Path) -> u64 {
     kib * 1024
 }
 
-fn space(fx: &Fixture) -> SpaceRow {
+fn space(fx: &Fixture, label: &'static str) -> SpaceRow {
     let meta = std::fs::metadata(&fx.path).unwrap();
     SpaceRow {
+        label,
         count: fx.keys.len(),
         fill: fx.fill,
         disk: meta.blocks() * 512,
@@ -194,7 +208,7 @@ fn measure(
     g: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
     param: usize,
     fx: &Fixture,
-    label: String,
+    label: &'static str,
 ) -> OpRow {
     g.bench_function(BenchmarkId::new("rmw", param), |b| {
         let mut op = fx.rmw();
@@ -212,27 +226,6 @@ fn measure(
     }
 }
 
-fn size_label(size: usize) -> String {
-    if size >= 1024 {
-        format!("{} KiB", size / 1024)
-    } else {
-        format!("{size} B")
-    }
-}
-
-/// 1,000,000.
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, d) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(d);
-    }
-    out
-}
-
 fn bytes(n: f64) -> String {
     if n >= 10.0 * 1024.0 * 1024.0 {
         format!("{:.1} MiB", n / (1024.0 * 1024.0))
@@ -247,7 +240,7 @@ fn print_ops(title: &str, first: &str, rows: &[OpRow]) {
     println!();
     println!("{title}");
     println!(
-        "| {first} | rmw wall | rmw on-CPU | rmw p50 | rmw p99 | get wall | get on-CPU | get p50 | get p99 | samples |"
+        "| {first} | rmw wall | rmw on-CPU | rmw p50 | rmw p99 | get wall | get on-CPU | get p50 | get p99 | operations |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in rows {
@@ -265,7 +258,7 @@ fn print_ops(title: &str, first: &str, rows: &[OpRow]) {
             r.label,
             columns(&r.rmw),
             columns(&r.get),
-            thousands(r.rmw.single.len() as u64),
+            r.rmw.single.len(),
         );
     }
 }
@@ -285,7 +278,7 @@ fn print_space(rows: &[SpaceRow]) {
         let n = r.count as f64;
         println!(
             "| {} | {:.3} s | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            thousands(r.count as u64),
+            r.label,
             r.fill.as_secs_f64(),
             fmt_ns(r.fill.as_nanos() as f64 / n),
             bytes(r.disk as f64),
@@ -301,7 +294,7 @@ fn print_space(rows: &[SpaceRow]) {
     if let Some(r) = rows.first() {
         println!(
             "index: {} entries of 16 B = {} (the same in every file above)",
-            thousands(r.stats.index_entries),
+            r.stats.index_entries,
             bytes(r.stats.index_entries as f64 * 16.0)
         );
     }
@@ -317,9 +310,9 @@ fn main() {
     let mut by_size = Vec::new();
     {
         let mut g = c.benchmark_group("scale_size");
-        for size in SIZES {
+        for (size, label) in SIZES {
             let fx = Fixture::fill(SIZE_KEYS, size);
-            by_size.push(measure(&mut g, size, &fx, size_label(size)));
+            by_size.push(measure(&mut g, size, &fx, label));
         }
         g.finish();
     }
@@ -328,14 +321,14 @@ fn main() {
     let mut spaces = Vec::new();
     {
         let mut g = c.benchmark_group("scale_count");
-        for count in COUNTS {
+        for (count, label) in COUNTS {
             let fx = Fixture::fill(count, COUNT_VALUE);
             eprintln!(
                 "filled {count} sessions of {COUNT_VALUE} B in {:.3} s",
                 fx.fill.as_secs_f64()
             );
-            by_count.push(measure(&mut g, count, &fx, thousands(count as u64)));
-            spaces.push(space(&fx));
+            by_count.push(measure(&mut g, count, &fx, label));
+            spaces.push(space(&fx, label));
             let report = fx.store.verify();
             assert!(
                 report.is_clean(),

@@ -6,7 +6,9 @@
 //!
 //! - `GET /`: read-modify-write. Reads the session's counter, adds one, writes it back, answers
 //!   `{"count": N, "pid": P}`. A new session (no cookie) starts at 1; with `--workload large` a new
-//!   session also gets a 16 KiB value, so every later request loads and saves 16 KiB.
+//!   session also gets a string of `--large-bytes` (16 KiB by default), so every later request
+//!   loads and saves that much. mmap-session's limits (largest store value and session size) are
+//!   raised to the payload plus 4 KiB where that is above their 64 KiB default.
 //! - `GET /peek`: read-only. The same answer without changing anything (`count` is 0 without a
 //!   session). mmap-session serves it with `ReadOnlySession` (no lease); tower-sessions has no
 //!   read-only handle, so it is its ordinary `Session`, which saves nothing when unchanged.
@@ -286,10 +288,17 @@ async fn build(cli: &Cli) -> Result<Router, Box<dyn std::error::Error>> {
         Backend::None => routes::<NoSession, NoSession>(app),
         Backend::Mmap => {
             let path = required(&cli.store, "--store")?;
-            let store = mmap_session::store::Store::open(path)
+            // The defaults (64 KiB) are the largest session size a user would keep; a payload
+            // close to that (or above) needs room for the counter and the encoding around it.
+            let limit = (cli.large_bytes + 4096).max(mmap_session::DEFAULT_MAX_SESSION_SIZE);
+            let options = mmap_session::store::Options::new().max_value_len(limit);
+            let store = mmap_session::store::Store::open_with(path, options)
                 .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
-            routes::<mmap_session::Session, mmap_session::ReadOnlySession>(app)
-                .layer(mmap_session::SessionLayer::new(store).secure(false))
+            routes::<mmap_session::Session, mmap_session::ReadOnlySession>(app).layer(
+                mmap_session::SessionLayer::new(store)
+                    .secure(false)
+                    .max_session_size(limit),
+            )
         }
         Backend::MmapRedis => {
             let url = required(&cli.redis_url, "--redis-url")?;

@@ -37,6 +37,9 @@ use mmap_session_store::{Lease, Store};
 use rusqlite::{params, Connection, OptionalExtension};
 use tempfile::TempDir;
 
+mod common;
+use common::{expiry, far_deadline, fmt_ns, keys, pct, store_rmw, time_each, value, Rng};
+
 const SIZES: [usize; 3] = [128, 1024, 16 * 1024];
 const MANY_KEYS: usize = 10_000;
 const HOT_KEYS: usize = 4;
@@ -48,53 +51,8 @@ const PATH_ENV: &str = "MMAP_BENCH_PATH";
 // Shared helpers
 // ---------------------------------------------------------------------------------------------
 
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// 16-byte keys that look random (like 128-bit session ids), so no backend gets sorted input.
-fn keys(n: usize, salt: u64) -> Vec<[u8; 16]> {
-    (0..n as u64)
-        .map(|i| {
-            let mut k = [0u8; 16];
-            k[..8].copy_from_slice(&splitmix(i ^ salt).to_le_bytes());
-            k[8..].copy_from_slice(&splitmix(!i ^ salt).to_le_bytes());
-            k
-        })
-        .collect()
-}
-
 fn hot_keys() -> Vec<[u8; 16]> {
     keys(HOT_KEYS, 0x407)
-}
-
-fn value(size: usize) -> Vec<u8> {
-    (0..size).map(|i| (i % 251) as u8).collect()
-}
-
-fn expiry() -> SystemTime {
-    SystemTime::now() + Duration::from_secs(3600)
-}
-
-fn far_deadline() -> Instant {
-    Instant::now() + Duration::from_secs(3600)
-}
-
-/// A small xorshift generator for picking hot keys.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
 }
 
 /// Where the two parties of a cross-process case run.
@@ -178,21 +136,6 @@ impl Drop for PinSelf {
 // ---------------------------------------------------------------------------------------------
 // The three backends, one read-modify-write each
 // ---------------------------------------------------------------------------------------------
-
-/// Lease, copy the value out, commit a new one, release. Returns the old length.
-fn store_rmw(
-    store: &Store,
-    key: &[u8],
-    value: &[u8],
-    deadline: Instant,
-    expires: SystemTime,
-) -> usize {
-    let mut lease = store.lease_blocking(key, deadline).expect("lease");
-    let old = lease.read();
-    lease.commit(value, expires).expect("commit");
-    lease.release();
-    old.map_or(0, |r| r.value.len())
-}
 
 type MemMap = Mutex<HashMap<Vec<u8>, Vec<u8>>>;
 
@@ -802,34 +745,6 @@ struct Row {
     case: &'static str,
     divide: u64,
     samples: Vec<u64>,
-}
-
-fn time_each(warm: usize, n: usize, mut op: impl FnMut()) -> Vec<u64> {
-    for _ in 0..warm {
-        op();
-    }
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        op();
-        out.push(t.elapsed().as_nanos() as u64);
-    }
-    out
-}
-
-fn pct(sorted: &[u64], p: f64) -> u64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn fmt_ns(ns: f64) -> String {
-    if ns >= 100_000.0 {
-        format!("{:.0} µs", ns / 1000.0)
-    } else if ns >= 1000.0 {
-        format!("{:.2} µs", ns / 1000.0)
-    } else {
-        format!("{ns:.0} ns")
-    }
 }
 
 fn latency_pass() {

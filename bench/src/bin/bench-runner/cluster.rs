@@ -60,16 +60,20 @@ pub(crate) struct Cluster {
     _dir: TempDir,
     /// Where wrk and the session-creating client connect.
     pub(crate) address: SocketAddr,
+    /// mmap-session's store file (absent for the other backends).
+    pub(crate) store: PathBuf,
 }
 
 const READY: Duration = Duration::from_secs(30);
 
 impl Cluster {
+    /// Starts the servers; with `payload`, each new session also gets a string of that many
+    /// bytes (`--workload large --large-bytes`).
     pub(crate) fn start(
         tools: &Tools,
         backend: Backend,
         processes: usize,
-        workload: &str,
+        payload: Option<usize>,
     ) -> Result<Self> {
         let dir = TempDir::new("httpbench-")?;
         let root = dir.path().to_path_buf();
@@ -78,6 +82,7 @@ impl Cluster {
             servers: Vec::new(),
             redis: None,
             address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            store: root.join("sessions"),
             _dir: dir,
         };
 
@@ -103,12 +108,18 @@ impl Cluster {
             let port = procs::free_port()?;
             let address = SocketAddr::from(([127, 0, 0, 1], port));
             let mut command = Command::new(&tools.server);
+            command.args(["--backend", backend.flag()]);
+            match payload {
+                Some(bytes) => command
+                    .args(["--workload", "large", "--large-bytes"])
+                    .arg(bytes.to_string()),
+                None => command.args(["--workload", "small"]),
+            };
             command
-                .args(["--backend", backend.flag(), "--workload", workload])
                 .arg("--listen")
                 .arg(address.to_string())
                 .arg("--store")
-                .arg(root.join("sessions"))
+                .arg(&cluster.store)
                 .arg("--sqlite-path")
                 .arg(root.join("sessions.sqlite"));
             if let Some(url) = &redis_url {

@@ -15,6 +15,7 @@ mod cluster;
 mod http;
 mod procs;
 mod report;
+mod scaling;
 mod wrk;
 
 use std::io::Write as _;
@@ -82,6 +83,25 @@ pub(crate) struct Cli {
     /// Do not touch BENCHMARKS.md.
     #[arg(long)]
     no_benchmarks_md: bool,
+    /// Run the scaling benchmark instead (cost per request by session size and by number of
+    /// sessions; cases 1a, 2 and 4 unless `--cases` says otherwise). Writes `scaling.md`,
+    /// `scaling.json` and `scaling.svg`; BENCHMARKS.md is left alone.
+    #[arg(long)]
+    scaling: bool,
+    /// `--scaling`: the session payloads, in bytes.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "128,1024,4096,16384,65536"
+    )]
+    scale_sizes: Vec<usize>,
+    /// `--scaling`: distinct sessions for the size sweep.
+    #[arg(long, default_value_t = 1000)]
+    scale_size_sessions: usize,
+    /// `--scaling`: the numbers of stored sessions (small sessions), created one after the other
+    /// in the same servers.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,100000,1000000")]
+    scale_counts: Vec<usize>,
 }
 
 impl Cli {
@@ -112,6 +132,9 @@ pub(crate) struct Case {
     pub(crate) backend: Backend,
     pub(crate) processes: usize,
 }
+
+/// The session payload of the large-session workload.
+const LARGE_BYTES: usize = 16 * 1024;
 
 pub(crate) const CASES: [Case; 9] = [
     Case {
@@ -392,8 +415,7 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// Sessions for a run: created through HTTP, or (bare axum, which has none) cookies of the
-    /// same shape, so that every case receives the same requests.
+    /// Sessions for a run, written to the file `name`.
     fn cookies(
         &self,
         backend: Backend,
@@ -401,33 +423,33 @@ impl Bench<'_> {
         count: usize,
         name: &str,
     ) -> Result<PathBuf> {
-        let cookies = if backend == Backend::None {
-            (0..count).map(fake_cookie).collect()
-        } else {
-            http::create_sessions(cluster.address, count, 8)?
-        };
-        if cookies.len() != count {
-            bail!("created {} sessions instead of {count}", cookies.len());
-        }
+        let cookies = new_cookies(backend, cluster, 0, count)?;
+        self.write_cookies(name, &cookies)
+    }
+
+    /// Writes `cookies` to the file `name` in the scratch directory, one a line, for wrk.
+    fn write_cookies(&self, name: &str, cookies: &[String]) -> Result<PathBuf> {
         let path = self.scratch.join(name);
         let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
-        for cookie in &cookies {
+        for cookie in cookies {
             writeln!(file, "{cookie}")?;
         }
         file.flush()?;
         Ok(path)
     }
 
-    /// Starts every case's servers for one workload family and creates their sessions.
+    /// Starts every case's servers for one workload family (`workload` names its files; with
+    /// `payload`, new sessions get a string of that many bytes) and creates their sessions.
     fn start_all(
         &self,
         cases: &[(usize, &Case)],
         workload: &str,
+        payload: Option<usize>,
         sessions: usize,
     ) -> Result<Vec<Running>> {
         let mut running = Vec::new();
         for &(index, case) in cases {
-            let cluster = Cluster::start(&self.tools, case.backend, case.processes, workload)
+            let cluster = Cluster::start(&self.tools, case.backend, case.processes, payload)
                 .with_context(|| format!("case {}: {}", case.id, case.label))?;
             let started = Instant::now();
             let many = self.cookies(
@@ -464,7 +486,7 @@ impl Bench<'_> {
     /// against every case back to back, so that a change of load on the machine shifts a
     /// workload's cases together instead of skewing the ratios.
     fn run_all(&mut self, cases: &[(usize, &Case)]) -> Result<()> {
-        let mut running = self.start_all(cases, "small", self.cli.sessions())?;
+        let mut running = self.start_all(cases, "small", None, self.cli.sessions())?;
         for workload in [Workload::Counter, Workload::Peek, Workload::Hot] {
             self.run_workload(&mut running, workload)?;
         }
@@ -478,7 +500,8 @@ impl Bench<'_> {
         self.run_workload(&mut running, Workload::New)?;
         stop(running);
 
-        let mut running = self.start_all(cases, "large", self.cli.large_sessions())?;
+        let mut running =
+            self.start_all(cases, "large", Some(LARGE_BYTES), self.cli.large_sessions())?;
         self.run_workload(&mut running, Workload::Large)?;
         stop(running);
         Ok(())
@@ -533,6 +556,25 @@ fn stop(mut running: Vec<Running>) {
             );
         }
     }
+}
+
+/// Sessions number `first..first + count` of a case: created through HTTP, or (bare axum, which
+/// has none) cookies of the same shape, so that every case receives the same requests.
+fn new_cookies(
+    backend: Backend,
+    cluster: &Cluster,
+    first: usize,
+    count: usize,
+) -> Result<Vec<String>> {
+    let cookies = if backend == Backend::None {
+        (first..first + count).map(fake_cookie).collect()
+    } else {
+        http::create_sessions(cluster.address, count, 8)?
+    };
+    if cookies.len() != count {
+        bail!("created {} sessions instead of {count}", cookies.len());
+    }
+    Ok(cookies)
 }
 
 fn fake_cookie(index: usize) -> String {
@@ -603,6 +645,35 @@ fn load() -> String {
         .unwrap_or_default()
 }
 
+/// The machine and the run, read at the end of a run that began at `started`.
+fn machine(cli: &Cli, load_before: String, started: Instant) -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, usize::from),
+        cpu,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        rustc: command_output("rustc", &["--version"]),
+        date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        load_before,
+        load_after: load(),
+        nginx: command_output(&cli.nginx.to_string_lossy(), &["-v"]),
+        redis: command_output(&cli.redis_server.to_string_lossy(), &["--version"]),
+        wrk: command_output(&cli.wrk.to_string_lossy(), &["-v"]),
+        minutes: started.elapsed().as_secs_f64() / 60.0,
+        commit: project_commit(),
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     procs::install_interrupt_handler()?;
@@ -611,10 +682,15 @@ fn main() -> Result<()> {
             bail!("{} is not installed", tool.display());
         }
     }
+    let wanted: Vec<&str> = match (cli.cases.is_empty(), cli.scaling) {
+        (false, _) => cli.cases.iter().map(String::as_str).collect(),
+        (true, true) => scaling::DEFAULT_CASES.to_vec(),
+        (true, false) => CASES.iter().map(|case| case.id).collect(),
+    };
     let cases: Vec<(usize, &Case)> = CASES
         .iter()
         .enumerate()
-        .filter(|(_, case)| cli.cases.is_empty() || cli.cases.iter().any(|id| id == case.id))
+        .filter(|(_, case)| wanted.contains(&case.id))
         .collect();
     if cases.is_empty() {
         bail!("no case matches {:?}", cli.cases);
@@ -648,16 +724,11 @@ fn main() -> Result<()> {
         cli.threads,
         cli.connections
     ));
+    if cli.scaling {
+        return scaling::run(&mut bench, &cases, &cli, load_before);
+    }
     bench.run_all(&cases)?;
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
     let results = Results {
         command: if cli.quick {
             "cargo run --release --manifest-path bench/Cargo.toml --bin bench-runner -- --quick"
@@ -673,23 +744,7 @@ fn main() -> Result<()> {
         cases: CASES.to_vec(),
         measurements: bench.measurements.clone(),
         lost: bench.lost.clone(),
-        machine: Machine {
-            nproc: std::thread::available_parallelism().map_or(0, usize::from),
-            cpu,
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
-            rustc: command_output("rustc", &["--version"]),
-            date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-            load_before,
-            load_after: load(),
-            nginx: command_output(&cli.nginx.to_string_lossy(), &["-v"]),
-            redis: command_output(&cli.redis_server.to_string_lossy(), &["--version"]),
-            wrk: command_output(&cli.wrk.to_string_lossy(), &["-v"]),
-            minutes: bench.started.elapsed().as_secs_f64() / 60.0,
-            commit: project_commit(),
-        },
+        machine: machine(&cli, load_before, bench.started),
         cli: cli.clone(),
     };
     std::fs::create_dir_all(&cli.out)?;

@@ -231,6 +231,22 @@ pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(field(14 - 3)? + field(15 - 3)?)
 }
 
+/// Resident memory of a process from `/proc/<pid>/status`, in bytes: all of it (`VmRSS`) and the
+/// part that is file-backed (`RssFile`: for mmap-session, the pages of the store file it mapped).
+pub(crate) fn rss(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+    let kib = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|value| value.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((kib("VmRSS")?, kib("RssFile")?))
+}
+
 /// The fields of a /proc stat line after the parenthesised command name.
 fn stat_fields(stat: &str) -> Result<Vec<&str>> {
     let after = stat

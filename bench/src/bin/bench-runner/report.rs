@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 
-use crate::{Measurement, Results, Workload, CASES, WORKLOADS};
+use crate::{Machine, Measurement, Results, Workload, CASES, WORKLOADS};
 
 pub(crate) const SECTION: &str = "## HTTP comparison";
 
@@ -22,7 +22,7 @@ fn rps(m: &Measurement) -> f64 {
 }
 
 /// Thousands separated with a thin comma: 41,234.
-fn thousands(value: f64) -> String {
+pub(crate) fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::new();
     for (index, digit) in digits.chars().enumerate() {
@@ -34,7 +34,7 @@ fn thousands(value: f64) -> String {
     out
 }
 
-fn ms(us: u64) -> String {
+pub(crate) fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
 
@@ -141,20 +141,31 @@ fn targets(results: &Results) -> Vec<Target> {
     ]
 }
 
+/// A report's heading, the command that produced it, and the machine and run (`tools`: the
+/// versions of the tools it used).
+pub(crate) fn preamble(md: &mut String, heading: &str, command: &str, m: &Machine, tools: &str) {
+    let _ = writeln!(md, "{heading}\n");
+    let _ = writeln!(
+        md,
+        "Written by the benchmark runner ([`bench/`](bench/README.md)); do not edit by hand. Command:\n\n```sh\n{command}\n```\n"
+    );
+    let _ = writeln!(
+        md,
+        "Machine: {} CPUs ({}), Linux {}, {}; run on {} and took {:.1} min, servers built from commit {}. Load average (1, 5, 15 min) before: {}, after: {}. {tools}.\n",
+        m.nproc, m.cpu, m.kernel, m.rustc, m.date, m.minutes, m.commit, m.load_before, m.load_after
+    );
+}
+
 /// The report; `chart` is the chart's path relative to where the Markdown will live.
 pub(crate) fn markdown(results: &Results, chart: &str) -> String {
     let mut md = String::new();
     let m = &results.machine;
-    let _ = writeln!(md, "{SECTION}\n");
-    let _ = writeln!(
-        md,
-        "Written by the benchmark runner ([`bench/`](bench/README.md)); do not edit by hand. Command:\n\n```sh\n{}\n```\n",
-        results.command
-    );
-    let _ = writeln!(
-        md,
-        "Machine: {} CPUs ({}), Linux {}, {}; run on {} and took {:.1} min, servers built from commit {}. Load average (1, 5, 15 min) before: {}, after: {}. {}, {}, {}.\n",
-        m.nproc, m.cpu, m.kernel, m.rustc, m.date, m.minutes, m.commit, m.load_before, m.load_after, m.nginx, m.redis, m.wrk
+    preamble(
+        &mut md,
+        SECTION,
+        &results.command,
+        m,
+        &format!("{}, {}, {}", m.nginx, m.redis, m.wrk),
     );
     let _ = writeln!(
         md,
@@ -297,7 +308,7 @@ in flight then may still be applied by the server, so \"applied\" can exceed \"s
 }
 
 /// `41k–45k` over the rounds (one round: empty).
-fn range(rounds: &[f64]) -> String {
+pub(crate) fn range(rounds: &[f64]) -> String {
     match (rounds.first(), rounds.last()) {
         (Some(low), Some(high)) if rounds.len() > 1 => {
             format!("{:.1}k–{:.1}k", low / 1000.0, high / 1000.0)

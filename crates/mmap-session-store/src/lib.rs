@@ -7,6 +7,8 @@
 //!   nobody else holds the key, in any process, thread or task, and returns a [`Lease`]. Through
 //!   it the holder reads the committed bytes, commits new ones or removes the record; dropping it
 //!   releases the key. Waiters sleep on a futex and are woken by the release.
+//!   [`Store::lease_existing`] leases a key only if it has a live record (for keys that come from
+//!   outside, such as a cookie's session id: a key that names nothing takes no lease).
 //! - **Crash-safe.** A commit writes the new record to a fresh block and publishes it with one
 //!   atomic compare-and-swap that also checks the lease is still held (fencing). A process
 //!   killed at any instruction leaves each key at its old or its new value. A lease whose holder

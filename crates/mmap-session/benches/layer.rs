@@ -114,6 +114,9 @@ impl Bench {
         if !layered {
             app = bare_routes();
         }
+        // As `axum::serve` does: `with_state` turns every handler into a route once, with the
+        // layer applied, instead of on every call of an unfinished `Router`.
+        let app = app.with_state(());
         Self {
             rt,
             app,

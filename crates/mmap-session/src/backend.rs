@@ -6,8 +6,10 @@
 //! [`BackendLease`] say exactly that, so another backend (say, Redis for sessions spread over several
 //! machines) can be added without touching the layer.
 
+use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use mmap_session_store::{Lease, Store, StoreError};
@@ -190,6 +192,110 @@ impl BackendLease for Lease {
 
     async fn release(self) {
         Lease::release(self);
+    }
+}
+
+/// The layer's handle on its backend. The memory-mapped [`Store`] is called directly: its
+/// lease operations are synchronous, so going through [`DynBackend`] would only box a future
+/// and a lease per operation. Any other backend goes through [`DynBackend`].
+#[derive(Clone)]
+pub(crate) enum LayerBackend {
+    File(Store),
+    Other(Arc<dyn DynBackend>),
+}
+
+impl LayerBackend {
+    pub(crate) fn new<B: SessionBackend>(backend: B) -> Self {
+        match (&backend as &dyn Any).downcast_ref::<Store>() {
+            // A clone shares the mapping; `backend` itself is dropped.
+            Some(store) => Self::File(store.clone()),
+            None => Self::Other(Arc::new(backend)),
+        }
+    }
+
+    /// [`SessionBackend::lease`].
+    pub(crate) async fn lease(
+        &self,
+        key: &[u8],
+        deadline: Instant,
+    ) -> Result<LayerLease, BackendError> {
+        match self {
+            Self::File(store) => Ok(LayerLease::File(store.lease(key, deadline).await?)),
+            Self::Other(backend) => Ok(LayerLease::Other(backend.lease_dyn(key, deadline).await?)),
+        }
+    }
+
+    /// [`SessionBackend::lease_existing`].
+    pub(crate) async fn lease_existing(
+        &self,
+        key: &[u8],
+        deadline: Instant,
+    ) -> Result<Option<LayerLease>, BackendError> {
+        match self {
+            Self::File(store) => Ok(store
+                .lease_existing(key, deadline)
+                .await?
+                .map(LayerLease::File)),
+            Self::Other(backend) => Ok(backend
+                .lease_existing_dyn(key, deadline)
+                .await?
+                .map(LayerLease::Other)),
+        }
+    }
+
+    /// [`SessionBackend::get_unleased`].
+    pub(crate) async fn get_unleased(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<StoredRecord>, BackendError> {
+        match self {
+            Self::File(store) => SessionBackend::get_unleased(store, key).await,
+            Self::Other(backend) => backend.get_unleased_dyn(key).await,
+        }
+    }
+}
+
+/// A lease taken through a [`LayerBackend`].
+pub(crate) enum LayerLease {
+    File(Lease),
+    Other(Box<dyn DynLease>),
+}
+
+impl LayerLease {
+    /// [`BackendLease::load`].
+    pub(crate) async fn load(&mut self) -> Result<Option<StoredRecord>, BackendError> {
+        match self {
+            Self::File(lease) => BackendLease::load(lease).await,
+            Self::Other(lease) => lease.load_dyn().await,
+        }
+    }
+
+    /// [`BackendLease::commit`].
+    pub(crate) async fn commit(
+        &mut self,
+        value: &[u8],
+        expires_at: SystemTime,
+    ) -> Result<(), BackendError> {
+        match self {
+            Self::File(lease) => Ok(lease.commit(value, expires_at)?),
+            Self::Other(lease) => lease.commit_dyn(value, expires_at).await,
+        }
+    }
+
+    /// [`BackendLease::remove`].
+    pub(crate) async fn remove(&mut self) -> Result<(), BackendError> {
+        match self {
+            Self::File(lease) => Ok(lease.remove()?),
+            Self::Other(lease) => lease.remove_dyn().await,
+        }
+    }
+
+    /// [`BackendLease::release`].
+    pub(crate) async fn release(self) {
+        match self {
+            Self::File(lease) => lease.release(),
+            Self::Other(lease) => lease.release_dyn().await,
+        }
     }
 }
 

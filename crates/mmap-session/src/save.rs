@@ -7,7 +7,7 @@ use axum::response::Response;
 use http::header::SET_COOKIE;
 use http::HeaderValue;
 
-use crate::backend::DynLease;
+use crate::backend::LayerLease;
 use crate::config::{Config, Expiry};
 use crate::cookies::{self, InvalidCookieConfig};
 use crate::envelope;
@@ -22,7 +22,7 @@ use crate::session::{
 /// loaded or saved.
 pub(crate) async fn finish(inner: Arc<SessionInner>, mut response: Response) -> Response {
     let state = {
-        let mut state = inner.state.lock().await;
+        let mut state = inner.lock_state().await;
         std::mem::replace(&mut *state, State::Finished)
     };
     let loaded = match state {
@@ -43,7 +43,7 @@ pub(crate) async fn finish(inner: Arc<SessionInner>, mut response: Response) -> 
             "error response: the session is released unsaved"
         );
         if let Some(found) = loaded.found {
-            found.lease.release_dyn().await;
+            found.lease.release().await;
         }
         return response;
     }
@@ -148,7 +148,7 @@ async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, Se
                 now,
             )
             .await;
-            found.lease.release_dyn().await;
+            found.lease.release().await;
             result
         }
         Some(mut found) => {
@@ -160,16 +160,16 @@ async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, Se
                     let bytes = encode_checked(id, &data, own_expiry, config)?;
                     created = Some(create(shared, &mut id, &bytes, expires_at).await?);
                 }
-                if let Err(error) = found.lease.remove_dyn().await {
+                if let Err(error) = found.lease.remove().await {
                     if let Some(mut new) = created.take() {
-                        if let Err(undo) = new.remove_dyn().await {
+                        if let Err(undo) = new.remove().await {
                             tracing::error!(
                                 session = %id.short_hash(),
                                 error = %undo,
                                 "could not undo the new record of a failed id change; it will expire"
                             );
                         }
-                        new.release_dyn().await;
+                        new.release().await;
                     }
                     return Err(backend_failure(
                         found.id.log_name(),
@@ -185,7 +185,7 @@ async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, Se
                 );
                 match created {
                     Some(new) => {
-                        new.release_dyn().await;
+                        new.release().await;
                         cookies::session_cookie(&id, expiry, now, config, tail)
                             .map(Some)
                             .map_err(invalid_config)
@@ -196,7 +196,7 @@ async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, Se
                 }
             }
             .await;
-            found.lease.release_dyn().await;
+            found.lease.release().await;
             result
         }
         None => {
@@ -206,7 +206,7 @@ async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, Se
             }
             let bytes = encode_checked(id, &data, own_expiry, config)?;
             let lease = create(shared, &mut id, &bytes, expires_at).await?;
-            lease.release_dyn().await;
+            lease.release().await;
             tracing::debug!(session = %id.short_hash(), "new session saved");
             cookies::session_cookie(&id, expiry, now, config, tail)
                 .map(Some)
@@ -234,7 +234,7 @@ async fn save_in_place(
     if ended {
         found
             .lease
-            .remove_dyn()
+            .remove()
             .await
             .map_err(|error| backend_failure(hash, "removing the session failed", error))?;
         tracing::debug!(session = %hash, "session removed");
@@ -257,7 +257,7 @@ async fn save_in_place(
         let bytes = encode_checked(found.id, data, own_expiry, config)?;
         found
             .lease
-            .commit_dyn(&bytes, expires_at)
+            .commit(&bytes, expires_at)
             .await
             .map_err(|error| backend_failure(hash, "saving the session failed", error))?;
         tracing::debug!(session = %hash, len = bytes.len(), refresh, "session saved");
@@ -265,7 +265,7 @@ async fn save_in_place(
         // Unchanged: write the same bytes back with the later expiry, without re-encoding.
         found
             .lease
-            .commit_dyn(&found.raw, expires_at)
+            .commit(&found.raw, expires_at)
             .await
             .map_err(|error| backend_failure(hash, "refreshing the session failed", error))?;
         tracing::debug!(session = %hash, "session expiry refreshed");
@@ -287,27 +287,27 @@ async fn create(
     id: &mut SessionId,
     bytes: &[u8],
     expires_at: SystemTime,
-) -> Result<Box<dyn DynLease>, SessionError> {
+) -> Result<LayerLease, SessionError> {
     for _ in 0..3 {
         let hash = id.log_name();
         let deadline = deadline_after(shared.config.lease_wait);
         let mut lease = shared
             .backend
-            .lease_dyn(id.as_bytes(), deadline)
+            .lease(id.as_bytes(), deadline)
             .await
             .map_err(|error| {
                 backend_failure(hash, "taking the new session's lease failed", error)
             })?;
-        match lease.load_dyn().await {
+        match lease.load().await {
             Ok(None) => {}
             Ok(Some(_)) => {
-                lease.release_dyn().await;
+                lease.release().await;
                 tracing::warn!(session = %hash, "a freshly drawn id is already in use; drawing another");
                 *id = fresh_id()?;
                 continue;
             }
             Err(error) => {
-                lease.release_dyn().await;
+                lease.release().await;
                 return Err(backend_failure(
                     hash,
                     "checking the new session's id failed",
@@ -315,8 +315,8 @@ async fn create(
                 ));
             }
         }
-        if let Err(error) = lease.commit_dyn(bytes, expires_at).await {
-            lease.release_dyn().await;
+        if let Err(error) = lease.commit(bytes, expires_at).await {
+            lease.release().await;
             return Err(backend_failure(
                 hash,
                 "saving the new session failed",

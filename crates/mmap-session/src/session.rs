@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::backend::{BackendError, DynBackend, DynLease};
+use crate::backend::{BackendError, LayerBackend, LayerLease};
 use crate::config::{Config, Expiry};
 use crate::cookies;
 use crate::envelope;
@@ -19,7 +19,7 @@ use crate::read_only::ReadOnlySession;
 /// What the layer shares with every request: the backend and the configuration.
 #[derive(Clone)]
 pub(crate) struct Shared {
-    pub(crate) backend: Arc<dyn DynBackend>,
+    pub(crate) backend: LayerBackend,
     pub(crate) config: Config,
     /// What follows `name=value` in every session cookie, formatted once; `None` if the cookie
     /// configuration cannot be written as a header.
@@ -107,7 +107,7 @@ pub(crate) enum State {
 /// The record this request found for the client's id, with the lease that guards it.
 pub(crate) struct Found {
     pub(crate) id: SessionId,
-    pub(crate) lease: Box<dyn DynLease>,
+    pub(crate) lease: LayerLease,
     /// The stored bytes, kept to refresh an unchanged session's expiry without re-encoding it.
     pub(crate) raw: Vec<u8>,
     pub(crate) expires_at: SystemTime,
@@ -144,16 +144,6 @@ impl Loaded {
             expiry_changed: false,
             size: envelope::EMPTY_LEN,
         }
-    }
-
-    /// Accepts the session's new state if its size, estimated at `estimate`, fits: a
-    /// change is refused only after the whole session has been counted exactly.
-    fn fit(&mut self, estimate: usize, config: &Config) -> Result<(), SessionError> {
-        if estimate <= config.max_size {
-            self.size = estimate;
-            return Ok(());
-        }
-        self.check_size(config)
     }
 
     /// Counts the encoded session exactly and refuses it if it is too large.
@@ -221,23 +211,23 @@ impl SessionInner {
         // A cookie that names no live session takes no lease at all.
         let deadline = deadline_after(self.shared.config.lease_wait);
         let lease = backend
-            .lease_existing_dyn(id.as_bytes(), deadline)
+            .lease_existing(id.as_bytes(), deadline)
             .await
             .map_err(|error| backend_failure(hash, "taking the session's lease failed", error))?;
         let Some(mut lease) = lease else {
             tracing::debug!(session = %hash, "the cookie names no live session; starting a new one");
             return Ok(None);
         };
-        let record = match lease.load_dyn().await {
+        let record = match lease.load().await {
             Ok(record) => record,
             Err(error) => {
-                lease.release_dyn().await;
+                lease.release().await;
                 return Err(backend_failure(hash, "loading the session failed", error));
             }
         };
         let now = SystemTime::now();
         let Some(record) = record.filter(|record| record.expires_at > now) else {
-            lease.release_dyn().await;
+            lease.release().await;
             tracing::debug!(session = %hash, "the session ended while waiting for its lease; starting a new one");
             return Ok(None);
         };
@@ -261,7 +251,7 @@ impl SessionInner {
                 }))
             }
             Err(error) => {
-                lease.release_dyn().await;
+                lease.release().await;
                 tracing::warn!(
                     session = %hash,
                     category = ?error.classify(),
@@ -269,6 +259,15 @@ impl SessionInner {
                 );
                 Ok(None)
             }
+        }
+    }
+
+    /// Locks the session's state; most accesses find it free, and `try_lock` is cheaper than
+    /// going through the lock's future.
+    pub(crate) async fn lock_state(&self) -> tokio::sync::MutexGuard<'_, State> {
+        match self.state.try_lock() {
+            Ok(state) => state,
+            Err(_) => self.state.lock().await,
         }
     }
 
@@ -335,7 +334,7 @@ impl Session {
         &self,
         f: impl FnOnce(&mut Loaded, &Config) -> Result<R, SessionError>,
     ) -> Result<R, SessionError> {
-        let mut state = self.inner.state.lock().await;
+        let mut state = self.inner.lock_state().await;
         if matches!(*state, State::Unloaded) {
             *state = match self.inner.load().await {
                 Ok(loaded) => State::Loaded(Box::new(loaded)),
@@ -424,8 +423,14 @@ impl Session {
                     .saturating_add(usize::from(!loaded.data.is_empty())),
             }
             .saturating_add(envelope::entry_len(&key, &value));
+            if estimate <= config.max_size {
+                loaded.size = estimate;
+                loaded.modified = true;
+                return Ok(loaded.data.insert(key, value));
+            }
+            // Maybe too large: count exactly, and put the old value back if it is.
             let previous = loaded.data.insert(key.clone(), value);
-            if let Err(error) = loaded.fit(estimate, config) {
+            if let Err(error) = loaded.check_size(config) {
                 match previous {
                     Some(previous) => loaded.data.insert(key, previous),
                     None => loaded.data.remove(&key),
@@ -685,7 +690,7 @@ impl Session {
             .inner
             .shared
             .backend
-            .get_unleased_dyn(id.as_bytes())
+            .get_unleased(id.as_bytes())
             .await
             .map_err(|error| backend_failure(hash, "reading the session failed", error))?;
         let now = SystemTime::now();

@@ -4,7 +4,7 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use super::service::SessionService;
-use crate::backend::SessionBackend;
+use crate::backend::{LayerBackend, SessionBackend};
 use crate::config::{Config, Expiry, SameSite, SigningKeys};
 use crate::session::Shared;
 
@@ -55,7 +55,7 @@ impl SessionLayer {
     pub fn new<B: SessionBackend>(backend: B) -> Self {
         Self {
             shared: Arc::new(Shared {
-                backend: Arc::new(backend),
+                backend: LayerBackend::new(backend),
                 config: Config::default(),
                 cookie_tail: std::sync::OnceLock::new(),
             }),

@@ -30,7 +30,7 @@ pub(crate) async fn finish(inner: Arc<SessionInner>, mut response: Response) -> 
         // The cause was logged when loading failed; whatever the handler answered, it could not have
         // done what it meant to with the session.
         State::Failed(error) => return plain_response(error.status()),
-        State::Loaded(loaded) => *loaded,
+        State::Loaded(loaded) => loaded,
     };
     let config = &inner.shared.config;
     let status = response.status();
@@ -114,22 +114,24 @@ fn encode_checked(
 
 /// Writes what changed. Returns the `Set-Cookie` value to send, if any. On error nothing the handler
 /// asked for is half-done: every write is a single commit or remove, and a two-step id change is undone.
-async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, SessionError> {
+///
+/// `loaded` stays boxed and is read in place: these futures are moved into a box of their own,
+/// and every byte of their state is copied there on every request.
+async fn save(
+    shared: &Shared,
+    mut loaded: Box<Loaded>,
+) -> Result<Option<HeaderValue>, SessionError> {
     let config = &shared.config;
     // Fail on a cookie configuration that cannot be sent before writing anything.
     let Some(tail) = shared.cookie_tail() else {
         return Err(invalid_config(InvalidCookieConfig));
     };
     let now = SystemTime::now();
-    let Loaded {
-        found,
-        mut id,
-        data,
-        expiry: own_expiry,
-        modified,
-        expiry_changed,
-        size: _,
-    } = loaded;
+    let found = loaded.found.take();
+    let mut id = loaded.id;
+    let data = &loaded.data;
+    let (own_expiry, modified, expiry_changed) =
+        (loaded.expiry, loaded.modified, loaded.expiry_changed);
     let expiry = own_expiry.unwrap_or(config.expiry);
     let expires_at = expiry.expires_at(now);
     // A fixed expiry in the past ends the session now.
@@ -154,7 +156,8 @@ async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, Se
         Some(mut found) => {
             // Cycled or flushed: the data moves to (or the handle continues as) `id`, and the old
             // record goes. The new record is written first, so a failure never loses the session.
-            let result = async {
+            // Boxed: a rare path, kept out of the future every request moves around.
+            let result = Box::pin(async {
                 let mut created = None;
                 if !ended {
                     let bytes = encode_checked(id, &data, own_expiry, config)?;
@@ -194,7 +197,7 @@ async fn save(shared: &Shared, loaded: Loaded) -> Result<Option<HeaderValue>, Se
                         .map(Some)
                         .map_err(invalid_config),
                 }
-            }
+            })
             .await;
             found.lease.release().await;
             result

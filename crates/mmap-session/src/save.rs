@@ -142,7 +142,7 @@ async fn save(
             let result = save_in_place(
                 shared,
                 &mut found,
-                &data,
+                data,
                 own_expiry,
                 modified,
                 expiry_changed,
@@ -160,7 +160,7 @@ async fn save(
             let result = Box::pin(async {
                 let mut created = None;
                 if !ended {
-                    let bytes = encode_checked(id, &data, own_expiry, config)?;
+                    let bytes = encode_checked(id, data, own_expiry, config)?;
                     created = Some(create(shared, &mut id, &bytes, expires_at).await?);
                 }
                 if let Err(error) = found.lease.remove().await {
@@ -207,7 +207,7 @@ async fn save(
                 // Nothing to keep and nothing stored: no record, no cookie.
                 return Ok(None);
             }
-            let bytes = encode_checked(id, &data, own_expiry, config)?;
+            let bytes = encode_checked(id, data, own_expiry, config)?;
             let lease = create(shared, &mut id, &bytes, expires_at).await?;
             lease.release().await;
             tracing::debug!(session = %id.short_hash(), "new session saved");

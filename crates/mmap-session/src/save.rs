@@ -91,9 +91,11 @@ fn encode_checked(
     loaded_id: SessionId,
     data: &serde_json::Map<String, serde_json::Value>,
     expiry: Option<Expiry>,
+    len_hint: usize,
     config: &Config,
 ) -> Result<Vec<u8>, SessionError> {
-    let bytes = envelope::encode(data, expiry).map_err(|error| {
+    let len_hint = len_hint.min(config.max_size);
+    let bytes = envelope::encode(data, expiry, len_hint).map_err(|error| {
         tracing::error!(session = %loaded_id.short_hash(), category = ?error.classify(), "the session does not encode");
         SessionError::from_serde(error)
     })?;
@@ -130,8 +132,12 @@ async fn save(
     let found = loaded.found.take();
     let mut id = loaded.id;
     let data = &loaded.data;
-    let (own_expiry, modified, expiry_changed) =
-        (loaded.expiry, loaded.modified, loaded.expiry_changed);
+    let (own_expiry, modified, expiry_changed, size) = (
+        loaded.expiry,
+        loaded.modified,
+        loaded.expiry_changed,
+        loaded.size,
+    );
     let expiry = own_expiry.unwrap_or(config.expiry);
     let expires_at = expiry.expires_at(now);
     // A fixed expiry in the past ends the session now.
@@ -143,6 +149,7 @@ async fn save(
                 shared,
                 &mut found,
                 data,
+                size,
                 own_expiry,
                 modified,
                 expiry_changed,
@@ -160,7 +167,7 @@ async fn save(
             let result = Box::pin(async {
                 let mut created = None;
                 if !ended {
-                    let bytes = encode_checked(id, data, own_expiry, config)?;
+                    let bytes = encode_checked(id, data, own_expiry, size, config)?;
                     created = Some(create(shared, &mut id, &bytes, expires_at).await?);
                 }
                 if let Err(error) = found.lease.remove().await {
@@ -207,7 +214,7 @@ async fn save(
                 // Nothing to keep and nothing stored: no record, no cookie.
                 return Ok(None);
             }
-            let bytes = encode_checked(id, data, own_expiry, config)?;
+            let bytes = encode_checked(id, data, own_expiry, size, config)?;
             let lease = create(shared, &mut id, &bytes, expires_at).await?;
             lease.release().await;
             tracing::debug!(session = %id.short_hash(), "new session saved");
@@ -223,6 +230,7 @@ async fn save_in_place(
     shared: &Shared,
     found: &mut Found,
     data: &serde_json::Map<String, serde_json::Value>,
+    size: usize,
     own_expiry: Option<Expiry>,
     modified: bool,
     expiry_changed: bool,
@@ -257,7 +265,7 @@ async fn save_in_place(
         found.expires_at
     };
     if modified {
-        let bytes = encode_checked(found.id, data, own_expiry, config)?;
+        let bytes = encode_checked(found.id, data, own_expiry, size, config)?;
         found
             .lease
             .commit(&bytes, expires_at)

@@ -366,12 +366,16 @@ impl Session {
     ///
     /// [`SessionError::Serde`] if the value does not decode as `T`; load errors (see [`SessionError`]).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
-        match self.get_value(key).await? {
-            Some(value) => serde_json::from_value(value)
-                .map(Some)
-                .map_err(SessionError::from_serde),
-            None => Ok(None),
-        }
+        // Decoded from the stored value in place, without copying it first.
+        self.with_loaded(|loaded, _| {
+            loaded
+                .data
+                .get(key)
+                .map(T::deserialize)
+                .transpose()
+                .map_err(SessionError::from_serde)
+        })
+        .await
     }
 
     /// The JSON value under `key`.
@@ -393,7 +397,7 @@ impl Session {
     /// [`SessionError::Serde`] if `value` does not serialize; load errors.
     pub async fn insert<T: Serialize>(
         &self,
-        key: impl Into<String>,
+        key: impl AsRef<str> + Into<String>,
         value: T,
     ) -> Result<(), SessionError> {
         let value = serde_json::to_value(value).map_err(SessionError::from_serde)?;
@@ -407,28 +411,33 @@ impl Session {
     /// As [`Session::insert`].
     pub async fn insert_value(
         &self,
-        key: impl Into<String>,
+        key: impl AsRef<str> + Into<String>,
         value: Value,
     ) -> Result<Option<Value>, SessionError> {
-        let key = key.into();
         self.with_loaded(move |loaded, config| {
-            let estimate = match loaded.data.get(&key) {
+            let name = key.as_ref();
+            let estimate = match loaded.data.get(name) {
                 Some(previous) if *previous == value => return Ok(Some(value)),
                 Some(previous) => loaded
                     .size
-                    .saturating_sub(envelope::entry_len(&key, previous)),
+                    .saturating_sub(envelope::entry_len(name, previous)),
                 // A new entry, and a comma if it is not the only one.
                 None => loaded
                     .size
                     .saturating_add(usize::from(!loaded.data.is_empty())),
             }
-            .saturating_add(envelope::entry_len(&key, &value));
+            .saturating_add(envelope::entry_len(name, &value));
             if estimate <= config.max_size {
                 loaded.size = estimate;
                 loaded.modified = true;
-                return Ok(loaded.data.insert(key, value));
+                // An existing key keeps its `String`: only a new key is allocated.
+                return Ok(match loaded.data.get_mut(name) {
+                    Some(slot) => Some(std::mem::replace(slot, value)),
+                    None => loaded.data.insert(key.into(), value),
+                });
             }
             // Maybe too large: count exactly, and put the old value back if it is.
+            let key: String = key.into();
             let previous = loaded.data.insert(key.clone(), value);
             if let Err(error) = loaded.check_size(config) {
                 match previous {

@@ -672,6 +672,52 @@ async fn a_dropped_response_future_releases_the_lease_and_saves_nothing(kind: Ki
     assert_eq!(text_status(response).await, (StatusCode::OK, "1".into()));
 }
 
+async fn overlapping_accesses_share_one_load_and_a_cancelled_load_is_tried_again(kind: Kind) {
+    let store = kind.store().await;
+    let gave_up = Arc::new(Notify::new());
+    let app = routes()
+        .route(
+            "/overlap",
+            post({
+                let gave_up = Arc::clone(&gave_up);
+                move |session: Session| async move {
+                    // The lease is held elsewhere: this first load gives up, and is dropped.
+                    let first =
+                        tokio::time::timeout(Duration::from_millis(50), session.get::<u64>("n"))
+                            .await;
+                    assert!(first.is_err(), "the first load waited for the held lease");
+                    gave_up.notify_one();
+                    // Still held: one of these loads the session, the other waits for that load.
+                    let (n, inserted) =
+                        tokio::join!(session.get::<u64>("n"), session.insert("n", 10));
+                    inserted?;
+                    Ok::<_, SessionError>(n?.unwrap_or(0).to_string())
+                }
+            }),
+        )
+        .layer(SessionLayer::new(store.clone()).lease_wait(Duration::from_secs(10)));
+    let pair = new_session(&app).await;
+
+    let held = store.hold(id_of(&pair).as_bytes()).await;
+    let request = tokio::spawn({
+        let (app, pair) = (app.clone(), pair.clone());
+        async move { send(&app, "POST", "/overlap", Some(&pair)).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), gave_up.notified())
+        .await
+        .expect("the handler's first load gave up");
+    held.release().await;
+
+    let response = tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .expect("the overlapping accesses finished")
+        .unwrap();
+    // `get` ran first in `join!`: it saw the stored 1, then `insert` wrote 10.
+    assert_eq!(text_status(response).await, (StatusCode::OK, "1".into()));
+    let response = get_req(&app, "/n", Some(&pair)).await;
+    assert_eq!(text_status(response).await, (StatusCode::OK, "10".into()));
+}
+
 async fn concurrent_increments_of_one_session_lose_no_update(kind: Kind) {
     let store = kind.store().await;
     let app = app(SessionLayer::new(store).lease_wait(Duration::from_secs(30)));
@@ -1002,6 +1048,7 @@ every_backend! {
     a_panicking_handler_releases_the_lease_and_saves_nothing,
     a_panic_caught_by_catch_panic_releases_the_lease_and_saves_nothing,
     a_dropped_response_future_releases_the_lease_and_saves_nothing,
+    overlapping_accesses_share_one_load_and_a_cancelled_load_is_tried_again,
     concurrent_increments_of_one_session_lose_no_update: multi_thread,
     the_read_only_path_does_not_wait_for_a_held_lease,
     a_lease_wait_timeout_answers_503_with_retry_after,

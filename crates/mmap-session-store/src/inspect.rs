@@ -5,7 +5,8 @@ use std::time::SystemTime;
 
 use crate::layout::*;
 use crate::open::now_ms;
-use crate::store::{ms_to_time, parse_record_header, Store};
+use crate::record::parse_record_header;
+use crate::store::{ms_to_time, Store};
 
 /// One stored record, as [`Store::entries`] lists it. It never contains the key.
 #[derive(Clone, Debug, PartialEq, Eq)]

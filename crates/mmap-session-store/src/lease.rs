@@ -4,11 +4,13 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use crate::error::StoreError;
+use crate::index::KeyHash;
 use crate::layout::{holder, state_block, E_STATE, REF_UNIT, R_EXPIRES};
 #[cfg(feature = "tokio")]
 use crate::layout::{state_token, TOKEN_WAITERS};
 use crate::open::now_ms;
-use crate::store::{time_to_ms, KeyHash, ReadOutcome, Record, Store};
+use crate::record::ReadOutcome;
+use crate::store::{time_to_ms, Record, Store};
 
 /// The busy lease on one key. While it is held, no other process, thread or task can lease the
 /// key; lock-free readers ([`Store::get`]) still see the last committed value.

@@ -49,14 +49,21 @@
 
 #![deny(missing_docs)]
 
+mod alloc;
 mod error;
+mod evict;
+mod grow;
+mod index;
 mod inspect;
 mod layout;
 mod lease;
 #[cfg(feature = "tokio")]
 mod local;
+mod lock;
 mod map;
 mod open;
+mod record;
+mod recover;
 mod store;
 mod sys;
 mod verify;

@@ -20,8 +20,9 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use crate::error::StoreError;
+use crate::index::KeyHash;
 use crate::lease::Lease;
-use crate::store::{KeyHash, Store};
+use crate::store::Store;
 
 type Delivery = Result<Lease, StoreError>;
 

@@ -3,9 +3,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
+use crate::index::{TAG_EMPTY, TAG_VACATED};
 use crate::layout::*;
 use crate::open::{now_ms, Geometry};
-use crate::store::{parse_record_header, record_checksum, Store, TAG_EMPTY, TAG_VACATED};
+use crate::record::{parse_record_header, record_checksum};
+use crate::store::Store;
 
 /// What [`Store::verify`] found. `problems` lists every inconsistency; the counts describe the
 /// file. Leaked blocks (space lost by a process killed between allocating and publishing) and

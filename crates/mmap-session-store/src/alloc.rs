@@ -1,0 +1,157 @@
+//! The block allocator: size-classed chunks, lock-free free lists with an ABA tag, and the
+//! claiming of new chunks. FORMAT.md, "Blocks and records".
+
+use std::sync::atomic::Ordering;
+
+use crate::error::StoreError;
+use crate::layout::*;
+use crate::store::Shared;
+
+impl Shared {
+    /// The size class of the block at reference `block`, if it is a valid block start inside
+    /// the file. Every reference read from the file goes through here before it is used.
+    pub(crate) fn block_class(&self, block: u32) -> Option<usize> {
+        let off = block as u64 * REF_UNIT;
+        let rel = off.checked_sub(self.g.data_off)?;
+        let chunk = rel / CHUNK_LEN;
+        if chunk >= self.g.max_chunks() {
+            return None;
+        }
+        let c = self.map.load_u8(CHUNK_TABLE_OFF + chunk)? as usize;
+        if c == 0 || c > CLASS_COUNT {
+            return None;
+        }
+        let size = class_size(c - 1);
+        let within = rel % CHUNK_LEN;
+        // A chunk is used only once it lies wholly inside the file (growth comes first).
+        if within % size != 0
+            || within + size > CHUNK_LEN
+            || !self.map.in_file(off - within, CHUNK_LEN)
+        {
+            return None;
+        }
+        Some(c - 1)
+    }
+
+    /// Takes a block of `class`: from its free list, else from a new chunk, else by evicting.
+    pub(crate) fn alloc(&self, class: usize) -> Result<u32, StoreError> {
+        for _ in 0..8 {
+            if let Some(block) = self.pop(class) {
+                return Ok(block);
+            }
+            if let Some(block) = self.claim_chunk(class)? {
+                return Ok(block);
+            }
+            if !self.evict_for(class) {
+                break;
+            }
+        }
+        tracing::warn!(
+            class_size = class_size(class),
+            "session store full: nothing could be evicted"
+        );
+        Err(StoreError::StoreFull)
+    }
+
+    pub(crate) fn free_head_off(class: usize) -> u64 {
+        (H_FREE_HEADS + class * 8) as u64
+    }
+
+    /// Pushes the chain `first ..= last` (already linked) onto `class`'s free list.
+    pub(crate) fn push(&self, class: usize, first: u32, last: u32) {
+        let head_off = Self::free_head_off(class);
+        loop {
+            let Some(h) = self.map.load_u64(head_off, Ordering::Acquire) else {
+                return;
+            };
+            self.map
+                .store_u64(last as u64 * REF_UNIT, h as u32 as u64, Ordering::Relaxed);
+            let new = (((h >> 32) + 1) << 32) | first as u64;
+            if self.map.cas_u64(head_off, h, new).is_ok() {
+                return;
+            }
+        }
+    }
+
+    /// Pops a block off `class`'s free list. The head carries an ABA tag, so a `next` read from a
+    /// block that was popped and reused meanwhile can never be installed.
+    fn pop(&self, class: usize) -> Option<u32> {
+        let head_off = Self::free_head_off(class);
+        loop {
+            let h = self.map.load_u64(head_off, Ordering::Acquire)?;
+            let first = h as u32;
+            if first == 0 {
+                return None;
+            }
+            let next = self
+                .map
+                .load_u64(first as u64 * REF_UNIT, Ordering::Relaxed)
+                .unwrap_or(u64::MAX);
+            let valid = self.block_class(first) == Some(class)
+                && (next == 0
+                    || (next <= u32::MAX as u64 && self.block_class(next as u32) == Some(class)));
+            let new = (((h >> 32) + 1) << 32) | if valid { next } else { 0 };
+            if !valid && self.map.load_u64(head_off, Ordering::Acquire) != Some(h) {
+                continue; // we read a block being reused: the head moved on, try again
+            }
+            if self.map.cas_u64(head_off, h, new).is_ok() {
+                if valid {
+                    return Some(first);
+                }
+                tracing::error!(
+                    class,
+                    "free list corrupted; dropping it (space is recovered on the next solo open)"
+                );
+                return None;
+            }
+        }
+    }
+
+    pub(crate) fn free_block(&self, block: u32) {
+        match self.block_class(block) {
+            Some(class) => self.push(class, block, block),
+            None => tracing::error!(block, "not freeing an invalid block reference"),
+        }
+    }
+
+    /// Claims the next unused chunk for `class`, growing the file if needed; returns its first
+    /// block and puts the others on the free list. `None` when the file is at its maximum or the
+    /// disk is full.
+    pub(crate) fn claim_chunk(&self, class: usize) -> Result<Option<u32>, StoreError> {
+        loop {
+            let Some(n) = self
+                .map
+                .load_u64(H_CHUNKS_CLAIMED as u64, Ordering::Acquire)
+            else {
+                return Ok(None);
+            };
+            if n >= self.g.max_chunks() {
+                return Ok(None);
+            }
+            let start = self.g.data_off + n * CHUNK_LEN;
+            if !self.ensure_len(start + CHUNK_LEN)? {
+                return Ok(None);
+            }
+            let table = CHUNK_TABLE_OFF + n;
+            let won = self.map.cas_u8(table, 0, class as u8 + 1);
+            self.map.max_u64(H_CHUNKS_CLAIMED as u64, n + 1);
+            if !won {
+                continue;
+            }
+            let size = class_size(class);
+            let count = CHUNK_LEN / size;
+            let block_ref = |i: u64| ((start + i * size) / REF_UNIT) as u32;
+            if count > 1 {
+                for i in 1..count - 1 {
+                    self.map.store_u64(
+                        start + i * size,
+                        block_ref(i + 1) as u64,
+                        Ordering::Relaxed,
+                    );
+                }
+                self.push(class, block_ref(1), block_ref(count - 1));
+            }
+            return Ok(Some(block_ref(0)));
+        }
+    }
+}

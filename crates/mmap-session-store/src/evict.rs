@@ -1,0 +1,148 @@
+//! Reclaiming space: the incremental expiry sweep, eviction of idle records, and the removal
+//! of an idle entry's record by an internal holder.
+
+use std::sync::atomic::Ordering;
+
+use crate::error::StoreError;
+use crate::index::KeyHash;
+use crate::layout::*;
+use crate::open::now_ms;
+use crate::store::Shared;
+
+impl Shared {
+    /// Makes room in `kh`'s probe window by evicting an idle record there: an expired one if
+    /// any, else the least recently used. False if every entry is leased.
+    pub(crate) fn evict_in_window(&self, kh: &KeyHash) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut best: Option<(u64, u64, u64)> = None; // (last_used, pos, state)
+        for pos in self.window(self.home(kh)) {
+            let Some(st) = self
+                .map
+                .load_u64(self.entry_off(pos) + E_STATE, Ordering::Acquire)
+            else {
+                continue;
+            };
+            if holder(st) != 0 || state_block(st) == 0 {
+                continue;
+            }
+            let at = state_block(st) as u64 * REF_UNIT;
+            let expires = self
+                .map
+                .load_u64(at + R_EXPIRES, Ordering::Relaxed)
+                .unwrap_or(0);
+            let used = if expires <= now {
+                0
+            } else {
+                self.map
+                    .load_u64(at + R_LAST_USED, Ordering::Relaxed)
+                    .unwrap_or(0)
+            };
+            if best.is_none_or(|(u, _, _)| used < u) {
+                best = Some((used, pos, st));
+            }
+        }
+        let Some((used, pos, st)) = best else {
+            return Ok(false);
+        };
+        let expired = used == 0;
+        Ok(self.remove_idle(pos, st, if expired { S_EXPIRED } else { S_EVICTIONS }))
+    }
+
+    /// Removes the record of an idle entry observed in state `st`, by leasing it first. True if
+    /// the record was removed.
+    pub(crate) fn remove_idle(&self, pos: u64, st: u64, counter: u64) -> bool {
+        let state_off = self.entry_off(pos) + E_STATE;
+        let token = self.new_token();
+        if self
+            .map
+            .cas_u64(state_off, st, state(state_block(st), token))
+            .is_err()
+        {
+            return false;
+        }
+        let removed = self.publish(state_off, token, 0).is_ok();
+        self.release_word(state_off, token);
+        if removed {
+            self.count(counter, 1);
+        }
+        removed
+    }
+
+    /// Looks at a bounded sample of entries for an idle record of `class` to evict: an expired
+    /// one if seen, else the least recently used of the sample.
+    pub(crate) fn evict_for(&self, class: usize) -> bool {
+        // A sparse index may hold no candidate in one sample: look at a few, still bounded.
+        (0..4).any(|_| self.evict_sample(class))
+    }
+
+    fn evict_sample(&self, class: usize) -> bool {
+        const SAMPLE: u64 = 512;
+        const ENOUGH: usize = 16;
+        let hand = self
+            .map
+            .load_u64(H_SWEEP_HAND as u64, Ordering::Relaxed)
+            .unwrap_or(0);
+        self.map.add_u64(H_SWEEP_HAND as u64, SAMPLE);
+        let now = now_ms();
+        let mut best: Option<(u64, u64, u64)> = None;
+        let mut seen = 0;
+        for i in 0..SAMPLE {
+            let pos = hand.wrapping_add(i) & (self.g.index_entries - 1);
+            let Some((st, block, _)) = self.idle_record(pos).filter(|r| r.2 == class) else {
+                continue;
+            };
+            let at = block as u64 * REF_UNIT;
+            let expires = self
+                .map
+                .load_u64(at + R_EXPIRES, Ordering::Relaxed)
+                .unwrap_or(0);
+            if expires <= now && self.remove_idle(pos, st, S_EXPIRED) {
+                return true;
+            }
+            let used = self
+                .map
+                .load_u64(at + R_LAST_USED, Ordering::Relaxed)
+                .unwrap_or(0);
+            if best.is_none_or(|(u, _, _)| used < u) {
+                best = Some((used, pos, st));
+            }
+            seen += 1;
+            if seen >= ENOUGH {
+                break;
+            }
+        }
+        best.is_some_and(|(_, pos, st)| self.remove_idle(pos, st, S_EVICTIONS))
+    }
+
+    /// The state word and block of entry `pos` if it holds a valid record and nobody leases it:
+    /// what the sweep, eviction and the operator's purge look for.
+    pub(crate) fn idle_record(&self, pos: u64) -> Option<(u64, u32, usize)> {
+        let st = self
+            .map
+            .load_u64(self.entry_off(pos) + E_STATE, Ordering::Acquire)?;
+        let block = state_block(st);
+        if holder(st) != 0 || block == 0 {
+            return None;
+        }
+        Some((st, block, self.block_class(block)?))
+    }
+
+    /// Reclaims expired idle records among the next `n` entries of the sweep hand; called on
+    /// each commit so expired space comes back without any full scan.
+    pub(crate) fn sweep(&self, n: u64) {
+        let hand = self.sweep_hand.fetch_add(n, Ordering::Relaxed);
+        let now = now_ms();
+        for i in 0..n {
+            let pos = hand.wrapping_add(i) & (self.g.index_entries - 1);
+            let Some((st, block, _)) = self.idle_record(pos) else {
+                continue;
+            };
+            let expires = self
+                .map
+                .load_u64(block as u64 * REF_UNIT + R_EXPIRES, Ordering::Relaxed);
+            if expires.is_some_and(|e| e <= now) {
+                self.remove_idle(pos, st, S_EXPIRED);
+            }
+        }
+    }
+}

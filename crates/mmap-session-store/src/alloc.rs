@@ -33,7 +33,9 @@ impl Shared {
         Some(c - 1)
     }
 
-    /// Takes a block of `class`: from its free list, else from a new chunk, else by evicting.
+    /// Takes a block of `class`: from its free list, else from an unclaimed chunk, else by
+    /// evicting a record of the class, else by returning wholly free chunks of other classes to
+    /// the unclaimed ones.
     pub(crate) fn alloc(&self, class: usize) -> Result<u32, StoreError> {
         for _ in 0..8 {
             if let Some(block) = self.pop(class) {
@@ -42,7 +44,7 @@ impl Shared {
             if let Some(block) = self.claim_chunk(class)? {
                 return Ok(block);
             }
-            if !self.evict_for(class) {
+            if !self.evict_for(class) && !self.unclaim_free_chunks(class) {
                 break;
             }
         }
@@ -66,6 +68,7 @@ impl Shared {
             };
             self.map
                 .store_u64(last as u64 * REF_UNIT, h as u32 as u64, Ordering::Relaxed);
+            failpoint!("alloc.push.linked");
             let new = (((h >> 32) + 1) << 32) | first as u64;
             if self.map.cas_u64(head_off, h, new).is_ok() {
                 return;
@@ -94,6 +97,7 @@ impl Shared {
             if !valid && self.map.load_u64(head_off, Ordering::Acquire) != Some(h) {
                 continue; // we read a block being reused: the head moved on, try again
             }
+            failpoint!("alloc.pop.read");
             if self.map.cas_u64(head_off, h, new).is_ok() {
                 if valid {
                     return Some(first);
@@ -114,30 +118,36 @@ impl Shared {
         }
     }
 
-    /// Claims the next unused chunk for `class`, growing the file if needed; returns its first
-    /// block and puts the others on the free list. `None` when the file is at its maximum or the
-    /// disk is full.
+    /// Claims an unclaimed chunk for `class` (the lowest one inside the file, else the next
+    /// one, growing the file), returns its first block and puts the others on the free list.
+    /// `None` when the file is at its maximum or the disk is full.
     pub(crate) fn claim_chunk(&self, class: usize) -> Result<Option<u32>, StoreError> {
         loop {
-            let Some(n) = self
+            let Some(hint) = self
                 .map
                 .load_u64(H_CHUNKS_CLAIMED as u64, Ordering::Acquire)
             else {
                 return Ok(None);
             };
-            if n >= self.g.max_chunks() {
-                return Ok(None);
-            }
+            // Chunks below the hint lie inside the file; some were given back (a whole chunk
+            // of free blocks, by `unclaim_free_chunks` or recovery).
+            let hole = (0..hint.min(self.g.max_chunks()))
+                .find(|&c| self.map.load_u8(CHUNK_TABLE_OFF + c) == Some(0));
+            let n = match hole {
+                Some(c) => c,
+                None if hint >= self.g.max_chunks() => return Ok(None),
+                None => hint,
+            };
             let start = self.g.data_off + n * CHUNK_LEN;
             if !self.ensure_len(start + CHUNK_LEN)? {
                 return Ok(None);
             }
-            let table = CHUNK_TABLE_OFF + n;
-            let won = self.map.cas_u8(table, 0, class as u8 + 1);
+            let won = self.map.cas_u8(CHUNK_TABLE_OFF + n, 0, class as u8 + 1);
             self.map.max_u64(H_CHUNKS_CLAIMED as u64, n + 1);
             if !won {
                 continue;
             }
+            failpoint!("alloc.chunk.claimed");
             let size = class_size(class);
             let count = CHUNK_LEN / size;
             let block_ref = |i: u64| ((start + i * size) / REF_UNIT) as u32;
@@ -149,9 +159,62 @@ impl Shared {
                         Ordering::Relaxed,
                     );
                 }
+                failpoint!("alloc.chunk.carved");
                 self.push(class, block_ref(1), block_ref(count - 1));
             }
             return Ok(Some(block_ref(0)));
         }
+    }
+
+    /// Gives back to the unclaimed chunks every chunk of a class other than `wanted` whose
+    /// blocks are all on its free list, so that a value of a class that has no chunk left
+    /// can be stored. Looks at a bounded number of free blocks per class (the rest waits for
+    /// the next solo open's recovery, which gives back every empty chunk). True if a chunk was
+    /// given back.
+    ///
+    /// The blocks looked at are popped off their list (so nobody allocates them meanwhile)
+    /// and the ones of chunks that are not wholly free are pushed back. A process killed in
+    /// between leaks them until recovery, like any block between allocation and publication.
+    fn unclaim_free_chunks(&self, wanted: usize) -> bool {
+        const BUDGET: usize = 1 << 16;
+        let mut gave_back = false;
+        for class in (0..CLASS_COUNT).filter(|&c| c != wanted) {
+            let per_chunk = (CHUNK_LEN / class_size(class)) as usize;
+            let mut popped = Vec::new();
+            while popped.len() < BUDGET {
+                let Some(block) = self.pop(class) else { break };
+                popped.push(block);
+            }
+            if popped.is_empty() {
+                continue;
+            }
+            failpoint!("alloc.unclaim.popped");
+            popped.sort_unstable();
+            let chunk_of = |b: u32| (b as u64 * REF_UNIT - self.g.data_off) / CHUNK_LEN;
+            let mut keep: Vec<u32> = Vec::new();
+            for group in popped.chunk_by(|a, b| chunk_of(*a) == chunk_of(*b)) {
+                let chunk = chunk_of(group[0]);
+                if group.len() == per_chunk
+                    && self.map.cas_u8(CHUNK_TABLE_OFF + chunk, class as u8 + 1, 0)
+                {
+                    gave_back = true;
+                    tracing::debug!(chunk, class, "gave back a chunk of free blocks");
+                } else {
+                    keep.extend_from_slice(group);
+                }
+            }
+            failpoint!("alloc.unclaim.given_back");
+            if let (Some(&first), Some(&last)) = (keep.first(), keep.last()) {
+                for pair in keep.windows(2) {
+                    self.map.store_u64(
+                        pair[0] as u64 * REF_UNIT,
+                        pair[1] as u64,
+                        Ordering::Relaxed,
+                    );
+                }
+                self.push(class, first, last);
+            }
+        }
+        gave_back
     }
 }

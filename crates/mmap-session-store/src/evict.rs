@@ -9,12 +9,23 @@ use crate::layout::*;
 use crate::open::now_ms;
 use crate::store::Shared;
 
+/// Why an internal holder removes an idle record, and what it saw when it chose the record.
+/// Re-checked under the lease: the entry may have been committed again meanwhile, even into the
+/// same block (free lists are last in, first out), and then it must stay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Removal {
+    /// The record has expired.
+    Expired,
+    /// The record was the least recently used candidate: its last-used stamp and checksum.
+    Evicted { last_used: u64, checksum: u64 },
+}
+
 impl Shared {
     /// Makes room in `kh`'s probe window by evicting an idle record there: an expired one if
     /// any, else the least recently used. False if every entry is leased.
     pub(crate) fn evict_in_window(&self, kh: &KeyHash) -> Result<bool, StoreError> {
         let now = now_ms();
-        let mut best: Option<(u64, u64, u64)> = None; // (last_used, pos, state)
+        let mut best: Option<(u64, u64, u64, Removal)> = None; // (last_used, pos, state, why)
         for pos in self.window(self.home(kh)) {
             let Some(st) = self
                 .map
@@ -30,28 +41,42 @@ impl Shared {
                 .map
                 .load_u64(at + R_EXPIRES, Ordering::Relaxed)
                 .unwrap_or(0);
-            let used = if expires <= now {
-                0
+            let (used, why) = if expires <= now {
+                (0, Removal::Expired)
             } else {
-                self.map
-                    .load_u64(at + R_LAST_USED, Ordering::Relaxed)
-                    .unwrap_or(0)
+                let Some(why) = self.eviction_mark(state_block(st)) else {
+                    continue;
+                };
+                let Removal::Evicted { last_used, .. } = why else {
+                    continue;
+                };
+                (last_used, why)
             };
-            if best.is_none_or(|(u, _, _)| used < u) {
-                best = Some((used, pos, st));
+            if best.is_none_or(|(u, ..)| used < u) {
+                best = Some((used, pos, st, why));
             }
         }
-        let Some((used, pos, st)) = best else {
+        let Some((_, pos, st, why)) = best else {
             return Ok(false);
         };
-        let expired = used == 0;
-        Ok(self.remove_idle(pos, st, if expired { S_EXPIRED } else { S_EVICTIONS }))
+        Ok(self.remove_idle(pos, st, why))
     }
 
-    /// Removes the record of an idle entry observed in state `st`, by leasing it first. True if
-    /// the record was removed.
-    pub(crate) fn remove_idle(&self, pos: u64, st: u64, counter: u64) -> bool {
+    /// What an eviction must find again under the lease to remove the record in `block`.
+    fn eviction_mark(&self, block: u32) -> Option<Removal> {
+        let at = block as u64 * REF_UNIT;
+        Some(Removal::Evicted {
+            last_used: self.map.load_u64(at + R_LAST_USED, Ordering::Relaxed)?,
+            checksum: self.map.load_u64(at + R_CHECKSUM, Ordering::Relaxed)?,
+        })
+    }
+
+    /// Removes the record of an idle entry observed in state `st`, by leasing it first and
+    /// checking under the lease that the record is still the one chosen (`why`). True if the
+    /// record was removed.
+    pub(crate) fn remove_idle(&self, pos: u64, st: u64, why: Removal) -> bool {
         let state_off = self.entry_off(pos) + E_STATE;
+        failpoint!("evict.remove_idle.before_lease");
         let token = self.new_token();
         if self
             .map
@@ -60,9 +85,24 @@ impl Shared {
         {
             return false;
         }
-        let removed = self.publish(state_off, token, 0).is_ok();
-        self.release_word(state_off, token);
+        failpoint!("evict.remove_idle.leased");
+        let at = state_block(st) as u64 * REF_UNIT;
+        let load = |field: u64| self.map.load_u64(at + field, Ordering::Acquire);
+        let still = match why {
+            Removal::Expired => load(R_EXPIRES).is_some_and(|e| e <= now_ms()),
+            Removal::Evicted {
+                last_used,
+                checksum,
+            } => load(R_LAST_USED) == Some(last_used) && load(R_CHECKSUM) == Some(checksum),
+        };
+        let removed = still && self.publish(state_off, token, 0).is_ok();
+        failpoint!("evict.remove_idle.removed");
+        self.release_internal(state_off, token);
         if removed {
+            let counter = match why {
+                Removal::Expired => S_EXPIRED,
+                Removal::Evicted { .. } => S_EVICTIONS,
+            };
             self.count(counter, 1);
         }
         removed
@@ -84,34 +124,32 @@ impl Shared {
             .unwrap_or(0);
         self.map.add_u64(H_SWEEP_HAND as u64, SAMPLE);
         let now = now_ms();
-        let mut best: Option<(u64, u64, u64)> = None;
+        let mut best: Option<(u64, u64, u64, Removal)> = None;
         let mut seen = 0;
         for i in 0..SAMPLE {
             let pos = hand.wrapping_add(i) & (self.g.index_entries - 1);
             let Some((st, block, _)) = self.idle_record(pos).filter(|r| r.2 == class) else {
                 continue;
             };
-            let at = block as u64 * REF_UNIT;
             let expires = self
                 .map
-                .load_u64(at + R_EXPIRES, Ordering::Relaxed)
+                .load_u64(block as u64 * REF_UNIT + R_EXPIRES, Ordering::Relaxed)
                 .unwrap_or(0);
-            if expires <= now && self.remove_idle(pos, st, S_EXPIRED) {
+            if expires <= now && self.remove_idle(pos, st, Removal::Expired) {
                 return true;
             }
-            let used = self
-                .map
-                .load_u64(at + R_LAST_USED, Ordering::Relaxed)
-                .unwrap_or(0);
-            if best.is_none_or(|(u, _, _)| used < u) {
-                best = Some((used, pos, st));
+            let Some(why @ Removal::Evicted { last_used, .. }) = self.eviction_mark(block) else {
+                continue;
+            };
+            if best.is_none_or(|(u, ..)| last_used < u) {
+                best = Some((last_used, pos, st, why));
             }
             seen += 1;
             if seen >= ENOUGH {
                 break;
             }
         }
-        best.is_some_and(|(_, pos, st)| self.remove_idle(pos, st, S_EVICTIONS))
+        best.is_some_and(|(_, pos, st, why)| self.remove_idle(pos, st, why))
     }
 
     /// The state word and block of entry `pos` if it holds a valid record and nobody leases it:
@@ -141,7 +179,7 @@ impl Shared {
                 .map
                 .load_u64(block as u64 * REF_UNIT + R_EXPIRES, Ordering::Relaxed);
             if expires.is_some_and(|e| e <= now) {
-                self.remove_idle(pos, st, S_EXPIRED);
+                self.remove_idle(pos, st, Removal::Expired);
             }
         }
     }

@@ -19,18 +19,23 @@ pub(crate) struct KeyHash {
 
 /// Tag of an entry that never held a key: lookups stop here.
 pub(crate) const TAG_EMPTY: u64 = 0;
-/// Tag of an entry given up by an insert that lost its shard lock; matches no key.
+/// Tag of an entry given up by an insert (its own, or fenced by a later holder of the shard
+/// lock); matches no key, and lookups go on past it.
 pub(crate) const TAG_VACATED: u64 = 1;
 
 impl KeyHash {
     pub(crate) fn new(key: &[u8]) -> KeyHash {
-        let hash = *blake3::hash(key).as_bytes();
+        KeyHash::from_hash(*blake3::hash(key).as_bytes())
+    }
+
+    /// The index position and tag of a key known by its BLAKE3 hash.
+    pub(crate) fn from_hash(hash: [u8; 32]) -> KeyHash {
         let word = |at: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&hash[at..at + 8]);
             u64::from_le_bytes(b)
         };
-        // Real tags have bit 1 set and bit 0 clear, so they never equal EMPTY or VACATED.
+        // Real tags have bit 1 set and bit 0 clear, so they never equal EMPTY, VACATED or a claim.
         KeyHash {
             hash,
             tag: (word(0) & !3) | 2,
@@ -91,33 +96,20 @@ impl Shared {
         result
     }
 
+    /// The insert protocol (FORMAT.md, "Inserting a key"). Every step is one compare-and-swap,
+    /// and the key's tag is published only from this holder's claim, so that a holder deposed
+    /// at any step can neither hide a successor's entry nor leave a second entry for a key.
     fn insert_locked(
         &self,
         kh: &KeyHash,
         lock_off: u64,
         lock: u32,
     ) -> Result<Inserted, StoreError> {
+        let mine = claim_tag(lock);
         for _ in 0..4 {
-            if let Some(pos) = self.lookup(kh) {
+            let (found, chosen) = self.scan_window(kh, mine)?;
+            if let Some(pos) = found {
                 return Ok(Inserted::Exists(pos));
-            }
-            let mut chosen = None;
-            for pos in self.window(self.home(kh)) {
-                let tag = self
-                    .map
-                    .load_u64(self.entry_off(pos) + E_TAG, Ordering::Acquire);
-                let st = self
-                    .map
-                    .load_u64(self.entry_off(pos) + E_STATE, Ordering::Acquire);
-                let (Some(tag), Some(st)) = (tag, st) else {
-                    return Err(StoreError::Corrupted("index outside the file"));
-                };
-                // Vacant, or an insert whose lock holder died (or was deposed) mid-way: only the
-                // holder of this shard's lock creates an entry with an empty tag.
-                if st == 0 || (tag == TAG_EMPTY && state_block(st) == 0) {
-                    chosen = Some((pos, tag, st));
-                    break;
-                }
             }
             let Some((pos, tag, st)) = chosen else {
                 if self.evict_in_window(kh)? {
@@ -127,26 +119,90 @@ impl Shared {
             };
             let token = self.new_token();
             let state_off = self.entry_off(pos) + E_STATE;
+            let tag_off = self.entry_off(pos) + E_TAG;
             if self.map.cas_u64(state_off, st, state(0, token)).is_err() {
                 continue;
             }
-            let tag_off = self.entry_off(pos) + E_TAG;
-            let tagged = self.map.cas_u64(tag_off, tag, kh.tag).is_ok();
-            // A stopped process can lose the shard lock to a take-over; its insert must not
-            // stand, or two entries could hold one key.
+            failpoint!("index.insert.state_claimed");
+            if self.map.cas_u64(tag_off, tag, mine).is_err() {
+                self.release_internal(state_off, token);
+                continue;
+            }
+            failpoint!("index.insert.tag_claimed");
+            // A stopped process can lose the shard lock to a take-over. A claim made before
+            // that is fenced by the successor (`scan_window`); one made after is undone here.
             let still_locked =
                 self.map.load_u64(lock_off, Ordering::Acquire).map(holder) == Some(lock);
-            if tagged && still_locked {
-                return Ok(Inserted::Leased(pos, token));
-            }
-            if tagged {
-                let _ = self.map.cas_u64(tag_off, kh.tag, TAG_VACATED);
-            }
-            self.release_word(state_off, token);
             if !still_locked {
+                let _ = self.map.cas_u64(tag_off, mine, TAG_VACATED);
+                self.release_internal(state_off, token);
                 return Ok(Inserted::Retry);
             }
+            failpoint!("index.insert.checked");
+            // The commit point of an insert: fails if a successor fenced our claim meanwhile.
+            if self.map.cas_u64(tag_off, mine, kh.tag).is_err() {
+                self.release_internal(state_off, token);
+                return Ok(Inserted::Retry);
+            }
+            failpoint!("index.insert.tagged");
+            return Ok(Inserted::Leased(pos, token));
         }
         Ok(Inserted::Retry)
     }
+
+    /// One pass over `kh`'s window under the shard lock whose claim tag is `mine`: fences off
+    /// the claims of earlier, deposed holders of the lock (they become vacated, so their late
+    /// publish fails), then finds `kh`'s entry, or else the first entry an insert may take.
+    #[allow(clippy::type_complexity)]
+    fn scan_window(
+        &self,
+        kh: &KeyHash,
+        mine: u64,
+    ) -> Result<(Option<u64>, Option<(u64, u64, u64)>), StoreError> {
+        let mut chosen = None;
+        for pos in self.window(self.home(kh)) {
+            let tag_off = self.entry_off(pos) + E_TAG;
+            let Some(mut tag) = self.map.load_u64(tag_off, Ordering::Acquire) else {
+                return Err(StoreError::Corrupted("index outside the file"));
+            };
+            while is_claim(tag) && tag != mine {
+                match self.map.cas_u64(tag_off, tag, TAG_VACATED) {
+                    Ok(_) => tag = TAG_VACATED,
+                    // The deposed holder published (or undid) its claim first: look again.
+                    Err(Some(now)) => tag = now,
+                    Err(None) => return Err(StoreError::Corrupted("index outside the file")),
+                }
+            }
+            if tag == kh.tag {
+                return Ok((Some(pos), None));
+            }
+            let Some(st) = self
+                .map
+                .load_u64(self.entry_off(pos) + E_STATE, Ordering::Acquire)
+            else {
+                return Err(StoreError::Corrupted("index outside the file"));
+            };
+            // Usable: no record and no lease (a key's entry whose record is gone may be
+            // recycled), or no key and no record with the lease of an insert that was given up.
+            let keyless = tag == TAG_EMPTY || tag == TAG_VACATED;
+            if chosen.is_none() && (st == 0 || (keyless && state_block(st) == 0)) {
+                chosen = Some((pos, tag, st));
+            }
+            if tag == TAG_EMPTY {
+                break; // lookups stop here, and no claim lies beyond the first empty entry
+            }
+        }
+        Ok((None, chosen))
+    }
+}
+
+/// The tag of an entry being inserted by the holder of a shard lock: its lock token, so that
+/// a later holder can tell the claim is not its own. Low bits `11` match no key's tag.
+pub(crate) fn claim_tag(lock: u32) -> u64 {
+    (u64::from(lock & !TOKEN_WAITERS) << 2) | 3
+}
+
+/// Whether `tag` is an insert's claim rather than a key, empty or vacated.
+pub(crate) fn is_claim(tag: u64) -> bool {
+    tag & 3 == 3
 }

@@ -110,7 +110,9 @@ impl Store {
             let expires = s
                 .map
                 .load_u64(block as u64 * REF_UNIT + R_EXPIRES, Ordering::Relaxed);
-            if expires.is_some_and(|e| e <= now) && s.remove_idle(pos, st, S_EXPIRED) {
+            if expires.is_some_and(|e| e <= now)
+                && s.remove_idle(pos, st, crate::evict::Removal::Expired)
+            {
                 removed += 1;
             }
         }

@@ -6,7 +6,7 @@
 /// Identifies a store file.
 pub(crate) const MAGIC: [u8; 8] = *b"MMSESSN\0";
 /// Bumped whenever the meaning of any byte changes.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// Identifies the locking scheme (OFD locks + futex on the state word); part of the fingerprint.
 const LOCK_SCHEME: u64 = 1;
 
@@ -60,9 +60,6 @@ pub(crate) const S_EXPIRED: u64 = 56;
 pub(crate) const S_IN_USE: u64 = 64;
 /// The next lease sequence number this slot issues (only its owner writes it).
 pub(crate) const S_SEQ: u64 = 72;
-/// The first sequence number the current owner issued: tokens of this slot from before it belong
-/// to a dead predecessor.
-pub(crate) const S_START: u64 = 80;
 /// The chunk table (one byte per chunk: 0 = unclaimed, else size class + 1) follows the slots.
 pub(crate) const CHUNK_TABLE_OFF: u64 = SLOTS_OFF + (MAX_SLOTS as u64 + 1) * SLOT_LEN;
 

@@ -49,6 +49,16 @@
 
 #![deny(missing_docs)]
 
+/// Names a step of a protocol that writes shared state (see FORMAT.md, "What a crash leaves
+/// behind"), so that a test can stall or kill a process exactly there. Compiled away unless the
+/// `failpoints` feature is on; `crates/mmap-session-store-faults` tests every name.
+macro_rules! failpoint {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name);
+    };
+}
+
 mod alloc;
 mod error;
 mod evict;

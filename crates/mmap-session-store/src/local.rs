@@ -95,6 +95,7 @@ impl LocalWaiters {
             // A holder in this process will hand the lease over or start a watcher when it
             // releases; a release anywhere else reaches us only through a watcher.
             let start = !q.watcher && !store.shared.held_here(&kh);
+            failpoint!("local.enqueued");
             if start {
                 q.watcher = true;
                 Some(q.runtime.clone())
@@ -159,6 +160,28 @@ impl LocalWaiters {
             q.runtime.clone()
         };
         spawn_watcher(runtime, store.clone(), *kh);
+    }
+    /// Called after an internal holder of this process (which never hands a lease over)
+    /// released a word: every queue that counted on a holder of this process now needs a
+    /// watcher. Internal holders rarely meet queued tasks, so looking at every queue is cheap.
+    pub(crate) fn after_internal_release(&self, store: &Store) {
+        let start: Vec<(Handle, [u8; 32])> = {
+            let mut queues = self.lock();
+            let mut start = Vec::new();
+            for (hash, q) in queues.iter_mut() {
+                let pruned = q.prune();
+                self.pending.fetch_sub(pruned, Ordering::SeqCst);
+                if !q.watcher && !q.waiters.is_empty() {
+                    q.watcher = true;
+                    start.push((q.runtime.clone(), *hash));
+                }
+            }
+            queues.retain(|_, q| q.watcher || !q.waiters.is_empty());
+            start
+        };
+        for (runtime, hash) in start {
+            spawn_watcher(runtime, store.clone(), KeyHash::from_hash(hash));
+        }
     }
 }
 

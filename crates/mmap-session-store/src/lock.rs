@@ -201,29 +201,64 @@ impl Shared {
         }
     }
 
+    /// Releases a word that an internal holder of this process (an insert, the sweep,
+    /// eviction, a purge, a lease on a recycled entry) held, and hands the key to tasks of this
+    /// process that queued for it meanwhile: they saw the key held here and started no watcher,
+    /// counting on the holder's release, as for a [`crate::Lease`].
+    pub(crate) fn release_internal(&self, off: u64, token: u32) -> bool {
+        let released = self.release_word(off, token);
+        #[cfg(feature = "tokio")]
+        {
+            // Pairs with the fence in `LocalWaiters::enqueue`: either that task sees the word
+            // free and starts its own watcher, or we see it queued.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if self.local.pending() {
+                if let Some(store) = self.me.upgrade() {
+                    self.local
+                        .after_internal_release(&crate::store::Store { shared: store });
+                }
+            }
+        }
+        released
+    }
+
     /// Whether the process that issued `token` is alive, as the kernel tells it: its slot's
-    /// registration lock is held, and the token was issued by the slot's current owner (tokens
-    /// from before the owner's first sequence number belong to a dead predecessor).
+    /// registration lock is held. A process that takes over the slot of one that died releases
+    /// every word its predecessor held before it issues a token (`reclaim_slot`), so a token
+    /// of a locked slot is always its live owner's, however many tokens were issued since.
     pub(crate) fn holder_alive(&self, token: u32) -> Result<bool, StoreError> {
         let slot = token_slot(token);
         if slot >= MAX_SLOTS {
             return Ok(false);
         }
-        if slot != self.slot && !sys::is_locked_by_other(&self.file, LOCK_BASE + slot as i64)? {
-            return Ok(false);
+        Ok(slot == self.slot || sys::is_locked_by_other(&self.file, LOCK_BASE + slot as i64)?)
+    }
+
+    /// Releases every lease and shard lock that tokens of this process's slot hold: they were
+    /// issued by the slot's previous owner, which died. Runs at open, before this process
+    /// issues any token of its own; its cost is one pass over the index, only after a crash.
+    pub(crate) fn reclaim_slot(&self) {
+        let words = (0..self.g.index_entries)
+            .map(|pos| self.entry_off(pos) + E_STATE)
+            .chain((0..self.g.shards()).map(|s| self.g.shard_locks_off() + s * 8));
+        let mut released = 0u64;
+        for off in words {
+            let Some(st) = self.map.load_u64(off, Ordering::Acquire) else {
+                continue;
+            };
+            let token = holder(st);
+            if token != 0 && token_slot(token) == self.slot && self.release_word(off, token) {
+                released += 1;
+                failpoint!("open.reclaim_slot.released");
+            }
         }
-        let base = SLOTS_OFF + slot as u64 * SLOT_LEN;
-        let start = self
-            .map
-            .load_u64(base + S_START, Ordering::Acquire)
-            .unwrap_or(0);
-        let next = self
-            .map
-            .load_u64(base + S_SEQ, Ordering::Acquire)
-            .unwrap_or(0);
-        let issued = next.wrapping_sub(start);
-        let age = u64::from(token & TOKEN_SEQ_MASK).wrapping_sub(start) & u64::from(TOKEN_SEQ_MASK);
-        // After 2^22 tokens every number is "recent": fall back to the lease timeout.
-        Ok(issued > u64::from(TOKEN_SEQ_MASK) || age < issued)
+        if released > 0 {
+            self.count(S_TAKEOVERS, released);
+            tracing::warn!(
+                slot = self.slot,
+                released,
+                "released the leases of a process that died in this slot"
+            );
+        }
     }
 }

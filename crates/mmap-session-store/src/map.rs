@@ -197,6 +197,17 @@ impl Map {
         Some(byte.load(Ordering::Acquire))
     }
 
+    /// Atomically stores the byte at `off`; false if it is outside the file.
+    pub(crate) fn store_u8(&self, off: u64, value: u8) -> bool {
+        let Some(ptr) = self.checked_ptr(off, 1, 1) else {
+            return false;
+        };
+        // SAFETY: as in `load_u8`.
+        let byte = unsafe { AtomicU8::from_ptr(ptr) };
+        byte.store(value, Ordering::Release);
+        true
+    }
+
     /// Compare-and-swap of the byte at `off`; true if it held `current` and now holds `new`.
     pub(crate) fn cas_u8(&self, off: u64, current: u8, new: u8) -> bool {
         let Some(ptr) = self.checked_ptr(off, 1, 1) else {

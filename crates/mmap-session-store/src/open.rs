@@ -334,28 +334,91 @@ fn create(path: &Path, opts: &Options) -> Result<(), OpenError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // Unique among concurrent creators: the pid, plus a counter for threads of one process.
-    static CREATIONS: AtomicU64 = AtomicU64::new(0);
-    let nonce = CREATIONS.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.{}.{nonce:x}.creating", std::process::id()));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
+    remove_abandoned_creations(&dir, &name);
+    // Unique among concurrent creators, and among the creators of every earlier run: a random
+    // nonce (a fixed one would collide with the file of a creator killed with the same pid,
+    // pid 1 in every container).
+    let mut attempts = 0;
+    let (tmp, file) = loop {
+        let tmp = dir.join(format!(
+            ".{name}.{}.{:016x}.creating",
+            std::process::id(),
+            random_u64()
+        ));
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp);
+        match opened {
+            Ok(file) => break (tmp, file),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => attempts += 1,
+            Err(e) => return Err(io_err(&tmp)(e)),
+        }
+    };
+    // Held while the file is being written, so that a later creator can tell an abandoned
+    // temporary file (its lock is free: the creator died) from one still being written.
+    if !sys::try_lock(&file, 0, sys::LockKind::Exclusive).map_err(io_err(&tmp))? {
+        return Err(io_err(&tmp)(io::Error::other(
+            "the new temporary file is locked by another process",
+        )));
+    }
     let result = (|| {
         sys::reserve(&file, 0, geometry.data_off).map_err(io_err(&tmp))?;
         file.write_all_at(&geometry.to_header(), 0)
             .map_err(io_err(&tmp))?;
+        failpoint!("open.create.written");
         match std::fs::hard_link(&tmp, path) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            // Another creator won; or our temporary file was removed (taken for abandoned in
+            // the instant before we locked it): the caller opens or creates again.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::AlreadyExists | io::ErrorKind::NotFound
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(io_err(path)(e)),
         }
     })();
     let _ = std::fs::remove_file(&tmp);
     result
+}
+
+/// Removes the temporary files of creations of `name` in `dir` whose creator died (their lock
+/// is free). Failures are ignored: a leftover file costs only its name.
+fn remove_abandoned_creations(dir: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let file_name = file_name.to_string_lossy();
+        if !(file_name.starts_with(&prefix) && file_name.ends_with(".creating")) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = open_existing(&path) else {
+            continue;
+        };
+        if sys::try_lock(&file, 0, sys::LockKind::Exclusive).unwrap_or(false) {
+            tracing::info!(path = %path.display(), "removing the temporary file of a creator that died");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// A random number for temporary file names (std's hasher keys come from the OS's generator).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    h.finish()
 }

@@ -38,6 +38,11 @@ impl Shared {
             ) else {
                 continue;
             };
+            if crate::index::is_claim(tag) {
+                // An insert that never finished: its entry matches no key.
+                self.map
+                    .store_u64(off + E_TAG, crate::index::TAG_VACATED, Ordering::Relaxed);
+            }
             let block = state_block(st);
             let mut keep = block;
             if block != 0 {
@@ -76,6 +81,8 @@ impl Shared {
             self.map
                 .store_u64(Self::free_head_off(class), 0, Ordering::Relaxed);
         }
+        failpoint!("recover.entries_done");
+        let mut last_claimed = 0;
         for chunk in 0..claimed {
             let Some(c) = self.map.load_u8(CHUNK_TABLE_OFF + chunk) else {
                 continue;
@@ -87,6 +94,12 @@ impl Shared {
             let size = class_size(class);
             let start = g.data_off + chunk * CHUNK_LEN;
             let slots = &used[chunk as usize];
+            if !slots.contains(&true) {
+                // No record in it: give the chunk back, for whichever class needs one next.
+                self.map.store_u8(CHUNK_TABLE_OFF + chunk, 0);
+                continue;
+            }
+            last_claimed = chunk + 1;
             for i in 0..CHUNK_LEN / size {
                 if !slots.get(i as usize).copied().unwrap_or(false) {
                     self.push(
@@ -97,6 +110,9 @@ impl Shared {
                 }
             }
         }
+        self.map
+            .store_u64(H_CHUNKS_CLAIMED as u64, last_claimed, Ordering::Relaxed);
+        failpoint!("recover.rebuilt");
         self.map
             .store_u64(H_LIVE_BASE as u64, live, Ordering::Relaxed);
         self.map

@@ -40,9 +40,19 @@ pub(crate) struct Shared {
     /// Where this process's expiry sweep looks next (per process, so commits do not contend).
     pub(crate) sweep_hand: AtomicU64,
     pub(crate) lease_timeout: Duration,
-    /// Serialises growth within this process (the OFD grow lock serialises processes).
+    /// Serialises growth by writing zeros within this process, on filesystems without
+    /// `fallocate` (the OFD grow lock serialises processes).
     pub(crate) grow: Mutex<()>,
+    /// This very value, as the `Store` that internal holders hand to waiting tasks.
+    pub(crate) me: std::sync::Weak<Shared>,
 }
+
+/// The shortest lease timeout accepted: a waiter takes over a live holder's lease once it has
+/// watched it this long, so zero would let anyone take a live lease at once.
+pub(crate) const MIN_LEASE_TIMEOUT: Duration = Duration::from_millis(1);
+
+/// How many times `get` reads a record that concurrent commits keep replacing.
+const GET_ATTEMPTS: u32 = 1000;
 
 /// A committed value and its absolute expiry time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,13 +116,21 @@ impl Store {
     /// store of this format gives an error saying which.
     pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<Store, OpenError> {
         let path = path.as_ref();
+        if options.lease_timeout < MIN_LEASE_TIMEOUT {
+            return Err(OpenError::InvalidOptions(format!(
+                "lease_timeout must be at least {MIN_LEASE_TIMEOUT:?} (a waiter takes over a live \
+                 holder's lease once it has waited this long)"
+            )));
+        }
         let (file, g) = open_or_create(path, &options)?;
         let io = |source| OpenError::Io {
             path: path.to_owned(),
             source,
         };
-        let file_len = file.metadata().map_err(io)?.len().min(g.max_len);
-        let map = Map::new(&file, g.max_len, file_len).map_err(io)?;
+        // Only the length the header records is ever used: a grower killed between reserving
+        // space and recording it leaves the file longer, and space beyond the recorded length
+        // would be invisible to processes that opened earlier.
+        let map = Map::new(&file, g.max_len, HEADER_LEN).map_err(io)?;
         // Every live process holds a shared lock on the recovery byte; getting it exclusively
         // proves we are alone, so whatever dead processes left behind can be repaired.
         let alone = sys::try_lock(&file, LOCK_RECOVERY, LockKind::Exclusive).map_err(io)?;
@@ -133,7 +151,7 @@ impl Store {
             .map_err(io)?
             .ok_or(OpenError::TooManyProcesses(MAX_SLOTS))?;
         let store = Store {
-            shared: Arc::new(Shared {
+            shared: Arc::new_cyclic(|me| Shared {
                 path: path.to_owned(),
                 file,
                 map,
@@ -144,12 +162,15 @@ impl Store {
                 sweep_hand: AtomicU64::new(u64::from(std::process::id()).wrapping_mul(0x9E37_79B9)),
                 lease_timeout: options.lease_timeout,
                 grow: Mutex::new(()),
+                me: me.clone(),
             }),
         };
         let s = &store.shared;
         // A slot still marked in use was left by a process that died without closing the store.
-        if s.map.load_u64(s.slot_off(S_IN_USE), Ordering::Acquire) != Some(0) {
+        let predecessor_died = s.map.load_u64(s.slot_off(S_IN_USE), Ordering::Acquire) != Some(0);
+        if predecessor_died {
             s.map.store_u64(H_DIRTY as u64, 1, Ordering::Release);
+            failpoint!("open.slot_marked_dirty");
         }
         if alone {
             let died = (0..MAX_SLOTS as u64).any(|slot| {
@@ -161,12 +182,9 @@ impl Store {
                 s.recover();
             }
         }
-        let next = s
-            .map
-            .load_u64(s.slot_off(S_SEQ), Ordering::Acquire)
-            .unwrap_or(0);
-        s.map
-            .store_u64(s.slot_off(S_START), next, Ordering::Release);
+        if predecessor_died && !alone {
+            s.reclaim_slot();
+        }
         s.map.store_u64(
             s.slot_off(S_PID),
             std::process::id() as u64,
@@ -196,13 +214,20 @@ impl Store {
         let pos = s.lookup(&kh)?;
         let state_off = s.entry_off(pos) + E_STATE;
         let mut last_reason = "";
-        for _ in 0..4 {
+        // A commit that replaces the record while we copy it makes us read again. Commits are
+        // far rarer than a copy is long, so this ends at once in practice; the bound only
+        // keeps a pathological writer from holding a reader forever.
+        for attempt in 0..GET_ATTEMPTS {
+            if attempt >= 8 {
+                std::thread::yield_now();
+            }
             let before = s.map.load_u64(state_off, Ordering::Acquire)?;
             let block = state_block(before);
             if block == 0 {
                 return None;
             }
             let outcome = s.read_record(block, &kh);
+            failpoint!("store.get.copied");
             let after = s.map.load_u64(state_off, Ordering::Acquire)?;
             if state_block(after) != block {
                 continue; // a commit replaced the record while we copied it: read again
@@ -273,7 +298,7 @@ impl Store {
             if s.map.load_u64(s.entry_off(pos) + E_TAG, Ordering::Acquire) == Some(kh.tag) {
                 return Ok(Some(self.lease_at(pos, token, kh)));
             }
-            s.release_word(off, token); // the entry was recycled for another key meanwhile
+            s.release_internal(off, token); // the entry was recycled for another key meanwhile
         }
         Ok(None)
     }
@@ -305,7 +330,7 @@ impl Store {
             if s.map.load_u64(s.entry_off(pos) + E_TAG, Ordering::Acquire) == Some(kh.tag) {
                 return Ok(self.lease_at(pos, token, kh));
             }
-            s.release_word(off, token);
+            s.release_internal(off, token);
         }
     }
 
@@ -436,5 +461,16 @@ impl Drop for Shared {
     fn drop(&mut self) {
         self.map
             .store_u64(self.slot_off(S_IN_USE), 0, Ordering::Release);
+    }
+}
+
+#[cfg(feature = "failpoints")]
+impl Store {
+    /// Test hook (only with the `failpoints` feature): advances this process's lease sequence
+    /// by `n`, as issuing `n` lease tokens would, so that tests can reach a wrap of the sequence.
+    #[doc(hidden)]
+    pub fn burn_lease_tokens(&self, n: u64) {
+        let s = &self.shared;
+        s.map.add_u64(s.slot_off(S_SEQ), n);
     }
 }

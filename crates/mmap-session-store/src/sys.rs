@@ -83,25 +83,40 @@ pub(crate) fn is_locked_by_other(file: &File, byte: i64) -> io::Result<bool> {
 
 /// Reserves disk (or tmpfs) space for `off..off+len`, growing the file if needed, so that later
 /// writes through the mapping cannot fault with SIGBUS. `ErrorKind::StorageFull` when there is
-/// no space.
+/// no space. Writes zeros where the filesystem has no `fallocate`: callers that may race with
+/// other growers use [`fallocate`] and serialise the fallback themselves.
 pub(crate) fn reserve(file: &File, off: u64, len: u64) -> io::Result<()> {
+    if fallocate(file, off, len)? {
+        Ok(())
+    } else {
+        reserve_by_writing(file, off, len)
+    }
+}
+
+/// `posix_fallocate`, retried when a signal interrupts it. False if the filesystem does not
+/// support it. Concurrent calls over overlapping ranges are safe: each only allocates, and the
+/// file only grows.
+pub(crate) fn fallocate(file: &File, off: u64, len: u64) -> io::Result<bool> {
     let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "range too large",
         ));
     };
-    // SAFETY: plain system call on a descriptor owned by `file`; no pointers are passed.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), o, l) };
-    match rc {
-        0 => Ok(()),
-        libc::EOPNOTSUPP | libc::EINVAL => reserve_by_writing(file, off, len),
-        code => Err(io::Error::from_raw_os_error(code)),
+    loop {
+        // SAFETY: plain system call on a descriptor owned by `file`; no pointers are passed.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), o, l) };
+        match rc {
+            0 => return Ok(true),
+            libc::EINTR => continue,
+            libc::EOPNOTSUPP | libc::EINVAL => return Ok(false),
+            code => return Err(io::Error::from_raw_os_error(code)),
+        }
     }
 }
 
 /// For filesystems without `fallocate`: write zeros, which allocates the blocks just as well.
-fn reserve_by_writing(file: &File, off: u64, len: u64) -> io::Result<()> {
+pub(crate) fn reserve_by_writing(file: &File, off: u64, len: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let zeros = vec![0u8; 1 << 16];
     let mut done = 0;

@@ -408,18 +408,19 @@ proptest! {
 /// fixed workload of the same shape gets there.
 #[test]
 fn the_small_store_variant_really_evicts_and_runs_full() {
-    // One small record takes the first chunk; twelve keys of each large size overflow the
-    // five (and four) blocks of their chunks; the last size finds no chunk left.
+    // One small record (of the last key) takes the first chunk; fifteen keys of each large
+    // size overflow the five (and four) blocks of their chunks; the last size finds no chunk
+    // left, and none to give back: the last keys keep their small and first large records.
     let mut ops = Vec::new();
     let sizes = [
-        (1, 105),
-        (TINY_KEYS, 185_000),
-        (TINY_KEYS, 245_000),
-        (3, 1500),
+        (TINY_KEYS - 1..TINY_KEYS, 105),
+        (0..TINY_KEYS - 1, 185_000),
+        (0..TINY_KEYS - 2, 245_000),
+        (0..3, 1500),
     ];
     let mut seed = 0;
-    for (count, len) in sizes {
-        for key in 0..count {
+    for (keys, len) in sizes {
+        for key in keys {
             seed += 1;
             ops.push(Op::Commit {
                 key,

@@ -20,13 +20,16 @@ use mmap_session_store::{Options, Store};
 /// fails the test instead of hanging the suite).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The largest size of the tests' store files: a header and index, and three data chunks.
+pub const SMALL_FILE: u64 = 4 << 20;
+
 /// The options every process of a test opens its store with. `lease_timeout` differs: a
 /// process that must prove a dead holder is detected at once uses a long one, a process that
 /// takes over a stalled holder a short one.
 pub fn options(lease_timeout: Duration) -> Options {
     Options::new()
         .max_sessions(256)
-        .max_file_size(64 << 20)
+        .max_file_size(SMALL_FILE)
         .max_value_len(512 << 10)
         .lease_timeout(lease_timeout)
 }
@@ -51,6 +54,16 @@ pub struct Child {
 impl Child {
     /// Starts a child and opens `path` in it with `options(lease_timeout)`.
     pub fn open(path: &Path, lease_timeout: Duration) -> Child {
+        let mut child = Child::spawn();
+        child.ask(
+            &format!("open {} {}", path.display(), lease_timeout.as_millis()),
+            "@ok",
+        );
+        child
+    }
+
+    /// Starts a child that has opened nothing yet.
+    pub fn spawn() -> Child {
         let mut process = Command::new(child_exe())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -68,16 +81,11 @@ impl Child {
                 }
             }
         });
-        let mut child = Child {
+        Child {
             process,
             stdin,
             lines,
-        };
-        child.ask(
-            &format!("open {} {}", path.display(), lease_timeout.as_millis()),
-            "@ok",
-        );
-        child
+        }
     }
 
     /// Sends one command line.
@@ -165,9 +173,7 @@ pub fn lease_and_commit(
     let mut lease = store
         .lease_blocking(key.as_bytes(), Instant::now() + wait)
         .unwrap_or_else(|e| panic!("lease {key}: {e}"));
-    let read = lease
-        .read()
-        .map(|r| String::from_utf8(r.value).expect("utf-8 value"));
+    let read = lease.read().map(|r| unpad(&r.value));
     assert!(
         allowed.contains(&read.as_deref()),
         "{key} read {read:?} under its lease; allowed {allowed:?}"
@@ -180,7 +186,19 @@ pub fn lease_and_commit(
 
 /// The value of `key` as `store` reads it without a lease.
 pub fn value(store: &Store, key: &str) -> Option<String> {
-    store
-        .get(key.as_bytes())
-        .map(|r| String::from_utf8(r.value).expect("utf-8 value"))
+    store.get(key.as_bytes()).map(|r| unpad(&r.value))
+}
+
+/// `text` followed by `|` and `pad` bytes of filler (to reach a size class).
+pub fn padded(text: &str, pad: usize) -> String {
+    if pad == 0 {
+        return text.to_owned();
+    }
+    format!("{text}|{}", "x".repeat(pad))
+}
+
+/// The text of a value written by [`padded`].
+pub fn unpad(value: &[u8]) -> String {
+    let text = String::from_utf8_lossy(value);
+    text.split('|').next().unwrap_or("").to_owned()
 }

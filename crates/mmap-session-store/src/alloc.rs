@@ -168,32 +168,33 @@ impl Shared {
 
     /// Gives back to the unclaimed chunks every chunk of a class other than `wanted` whose
     /// blocks are all on its free list, so that a value of a class that has no chunk left
-    /// can be stored. Looks at a bounded number of free blocks per class (the rest waits for
-    /// the next solo open's recovery, which gives back every empty chunk). True if a chunk was
-    /// given back.
+    /// can be stored. True if a chunk was given back.
     ///
-    /// The blocks looked at are popped off their list (so nobody allocates them meanwhile)
-    /// and the ones of chunks that are not wholly free are pushed back. A process killed in
-    /// between leaks them until recovery, like any block between allocation and publication.
+    /// A free list is a lock-free stack, so a chunk's blocks are taken off it by popping: a
+    /// read-only walk first finds the chunks whose blocks are all listed (bounded; recovery at
+    /// the next solo open gives back every empty chunk), and only a class with such a chunk is
+    /// popped, up to as many blocks as the walk saw. The blocks of chunks that turn out not
+    /// to be wholly free after all are pushed back. A process killed in between leaks the
+    /// blocks it popped until recovery, like any block between allocation and publication.
     fn unclaim_free_chunks(&self, wanted: usize) -> bool {
         const BUDGET: usize = 1 << 16;
         let mut gave_back = false;
         for class in (0..CLASS_COUNT).filter(|&c| c != wanted) {
             let per_chunk = (CHUNK_LEN / class_size(class)) as usize;
+            let (walked, whole) = self.wholly_free_chunks(class, per_chunk, BUDGET);
+            if whole == 0 {
+                continue;
+            }
             let mut popped = Vec::new();
-            while popped.len() < BUDGET {
+            while popped.len() < walked {
                 let Some(block) = self.pop(class) else { break };
                 popped.push(block);
             }
-            if popped.is_empty() {
-                continue;
-            }
             failpoint!("alloc.unclaim.popped");
             popped.sort_unstable();
-            let chunk_of = |b: u32| (b as u64 * REF_UNIT - self.g.data_off) / CHUNK_LEN;
             let mut keep: Vec<u32> = Vec::new();
-            for group in popped.chunk_by(|a, b| chunk_of(*a) == chunk_of(*b)) {
-                let chunk = chunk_of(group[0]);
+            for group in popped.chunk_by(|a, b| self.chunk_of(*a) == self.chunk_of(*b)) {
+                let chunk = self.chunk_of(group[0]);
                 if group.len() == per_chunk
                     && self.map.cas_u8(CHUNK_TABLE_OFF + chunk, class as u8 + 1, 0)
                 {
@@ -216,5 +217,32 @@ impl Shared {
             }
         }
         gave_back
+    }
+
+    /// Walks `class`'s free list without changing it (at most `budget` blocks; others may be
+    /// changing it, which at worst makes the answer wrong, never unsafe): how many blocks it
+    /// saw, and how many chunks had all of their `per_chunk` blocks among them.
+    fn wholly_free_chunks(&self, class: usize, per_chunk: usize, budget: usize) -> (usize, usize) {
+        let mut per: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+        let mut next = self
+            .map
+            .load_u64(Self::free_head_off(class), Ordering::Acquire)
+            .unwrap_or(0) as u32;
+        let mut walked = 0;
+        while next != 0 && walked < budget && self.block_class(next) == Some(class) {
+            *per.entry(self.chunk_of(next)).or_default() += 1;
+            walked += 1;
+            next = self
+                .map
+                .load_u64(next as u64 * REF_UNIT, Ordering::Relaxed)
+                .unwrap_or(0) as u32;
+        }
+        let whole = per.values().filter(|&&n| n == per_chunk).count();
+        (walked, whole)
+    }
+
+    /// The chunk a (valid) block reference lies in.
+    fn chunk_of(&self, block: u32) -> u64 {
+        (block as u64 * REF_UNIT - self.g.data_off) / CHUNK_LEN
     }
 }

@@ -64,6 +64,7 @@ impl Shared {
                 .cas_u64(off, s, state(state_block(s), token))
                 .is_ok()
             {
+                failpoint!("lock.acquired");
                 return Ok(Some(token));
             }
         }
@@ -102,6 +103,7 @@ impl Shared {
                     .cas_u64(off, s, state(state_block(s), token | mark))
                     .is_ok()
                 {
+                    failpoint!("lock.acquired");
                     return Ok(token);
                 }
                 continue;
@@ -120,6 +122,7 @@ impl Shared {
                 let token = self.new_token();
                 let new = state(state_block(s), token | (state_token(s) & TOKEN_WAITERS));
                 if self.map.cas_u64(off, s, new).is_ok() {
+                    failpoint!("lock.taken_over");
                     self.count(S_TAKEOVERS, 1);
                     tracing::warn!(
                         holder_slot = token_slot(held),
@@ -161,6 +164,7 @@ impl Shared {
             {
                 continue;
             }
+            failpoint!("lock.marked_waiting");
             // The first sleep is short so that a dead holder is noticed quickly.
             let nap = if w.timeouts == 0 {
                 Duration::from_millis(2)
@@ -192,6 +196,7 @@ impl Shared {
             if holder(s) != token {
                 return false;
             }
+            failpoint!("lock.releasing");
             if self.map.cas_u64(off, s, state(state_block(s), 0)).is_ok() {
                 if state_token(s) & TOKEN_WAITERS != 0 {
                     self.map.wake(off, 1);

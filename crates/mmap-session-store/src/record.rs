@@ -33,6 +33,7 @@ impl Shared {
                 break state_block(s);
             }
         };
+        failpoint!("record.published");
         let size = |b: u32| self.block_class(b).map_or(0, class_size);
         self.count(S_BYTES, size(block).wrapping_sub(size(old)));
         self.count(
@@ -104,6 +105,7 @@ impl Shared {
             max,
         })?;
         let block = self.alloc(class)?;
+        failpoint!("record.allocated");
         let mut header = [0u8; RECORD_HEADER as usize];
         header[..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
         header[R_LEN as usize..R_LEN as usize + 4]
@@ -120,6 +122,7 @@ impl Shared {
             self.free_block(block);
             return Err(StoreError::Corrupted("allocated block outside the file"));
         }
+        failpoint!("record.written");
         Ok(block)
     }
 

@@ -64,6 +64,32 @@ fn main() {
                     Err(e) => say(&format!("@err {e}")),
                 }
             }
+            ["rmw", key, tag, pad] => {
+                // Read-modify-write under the lease: the new value names what was read, so a
+                // test can tell a lost update from a legitimate later one.
+                let s = store.as_ref().unwrap();
+                let pad: usize = pad.parse().unwrap();
+                let result = s
+                    .lease_blocking(key.as_bytes(), Instant::now() + Duration::from_secs(10))
+                    .and_then(|mut lease| {
+                        let read = lease.read().map_or_else(
+                            || "none".to_owned(),
+                            |r| mmap_session_store_faults::unpad(&r.value),
+                        );
+                        let value =
+                            mmap_session_store_faults::padded(&format!("{tag}<-{read}"), pad);
+                        lease
+                            .commit(
+                                value.as_bytes(),
+                                SystemTime::now() + Duration::from_secs(3600),
+                            )
+                            .map(|()| mmap_session_store_faults::unpad(value.as_bytes()))
+                    });
+                match result {
+                    Ok(v) => say(&format!("@ok {v}")),
+                    Err(e) => say(&format!("@err {e}")),
+                }
+            }
             ["remove", key] => {
                 let s = store.as_ref().unwrap();
                 let result = s

@@ -347,6 +347,29 @@ fn get_reads_on_while_commits_move_the_record() {
     assert!(read.is_some(), "get answered None for a key with a record");
 }
 
+/// A child forked after the store was opened shares its parent's registration (liveness lock,
+/// token sequence): its leases would look alive while the parent lives and its tokens would
+/// be the parent's. It is refused with a clear error instead.
+#[test]
+fn a_forked_child_is_told_to_open_the_store_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let store = Store::open_with(&path, options(LONG)).unwrap();
+    lease_and_commit(&store, "k", &[None], "v0", WAIT);
+    let mut child = Child::open(&path, LONG);
+    child.send("fork-lease k");
+    let answer = child.expect("@forked");
+    let result = answer.trim_start_matches("@forked ");
+    assert!(
+        result.contains("open it again in the child"),
+        "the forked child was let in: {result}"
+    );
+    child.expect("@ok");
+    child.ask("commit k v1 3600000", "@ok");
+    child.exit();
+    assert_eq!(value(&store, "k").as_deref(), Some("v1"));
+}
+
 /// Lease tokens carry a 22-bit sequence per process slot. A slot's new owner that issued more
 /// than 2^22 tokens made every token of the slot look recent, so a lease left by the slot's
 /// dead previous owner was taken for a live holder's: a 30 s stall instead of a take-over.

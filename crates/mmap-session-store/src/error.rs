@@ -79,6 +79,11 @@ pub enum StoreError {
     /// process was stopped), so its commit was refused to protect the new holder's work.
     #[error("the session lease was lost to another holder; nothing was written")]
     LeaseLost,
+    /// This process was forked from the one that opened the store. A child shares its
+    /// parent's registration (its liveness lock and token sequence), so it may not take leases
+    /// through the parent's `Store`: open the store again in the child.
+    #[error("this store was opened before fork(); open it again in the child process")]
+    Forked,
     /// No space is left: nothing expired or idle could be evicted, or the disk is full.
     #[error("the session store is full")]
     StoreFull,
@@ -105,6 +110,7 @@ impl StoreError {
         match self {
             StoreError::LeaseTimeout => StoreError::LeaseTimeout,
             StoreError::LeaseLost => StoreError::LeaseLost,
+            StoreError::Forked => StoreError::Forked,
             StoreError::StoreFull => StoreError::StoreFull,
             StoreError::TooLarge { len, max } => StoreError::TooLarge {
                 len: *len,

@@ -101,6 +101,9 @@ impl Store {
     /// processes use the file.
     pub fn purge_expired(&self) -> u64 {
         let s = &self.shared;
+        if s.check_not_forked().is_err() {
+            return 0;
+        }
         let now = now_ms();
         let mut removed = 0;
         for pos in 0..s.g.index_entries {

@@ -75,6 +75,7 @@ impl Lease {
     /// see either the old record or the new one, never a mix.
     pub fn commit(&mut self, value: &[u8], expires_at: SystemTime) -> Result<(), StoreError> {
         let s = &self.store.shared;
+        s.check_not_forked()?;
         self.check_held()?;
         let block = s.write_record(&self.key, value, time_to_ms(expires_at))?;
         if let Err(e) = s.publish(self.state_off, self.token, block) {
@@ -87,6 +88,7 @@ impl Lease {
 
     /// Deletes the record. The key stays leased until the guard is released.
     pub fn remove(&mut self) -> Result<(), StoreError> {
+        self.store.shared.check_not_forked()?;
         self.check_held()?;
         self.store.shared.publish(self.state_off, self.token, 0)
     }
@@ -118,6 +120,9 @@ impl Lease {
             return;
         }
         let s = &self.store.shared;
+        if s.check_not_forked().is_err() {
+            return; // a forked child's copy: the lease is its parent's to release
+        }
         #[cfg(feature = "tokio")]
         if s.local.pending() {
             // Pass the lease straight to a task of this process, unless another process waits.

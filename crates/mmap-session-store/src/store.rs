@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub(crate) grow: Mutex<()>,
     /// This very value, as the `Store` that internal holders hand to waiting tasks.
     pub(crate) me: std::sync::Weak<Shared>,
+    /// `sys::fork_generation()` at open: a forked child may not use this registration.
+    forked_at: u64,
 }
 
 /// The shortest lease timeout accepted: a waiter takes over a live holder's lease once it has
@@ -163,6 +165,7 @@ impl Store {
                 lease_timeout: options.lease_timeout,
                 grow: Mutex::new(()),
                 me: me.clone(),
+                forked_at: sys::fork_generation(),
             }),
         };
         let s = &store.shared;
@@ -277,6 +280,7 @@ impl Store {
 
     fn try_lease_hashed(&self, kh: KeyHash) -> Result<Option<Lease>, StoreError> {
         let s = &self.shared;
+        s.check_not_forked()?;
         for _ in 0..4 {
             let pos = match s.lookup(&kh) {
                 Some(pos) => pos,
@@ -316,6 +320,7 @@ impl Store {
         deadline: Instant,
     ) -> Result<Lease, StoreError> {
         let s = &self.shared;
+        s.check_not_forked()?;
         loop {
             let pos = match s.lookup(&kh) {
                 Some(pos) => pos,
@@ -456,9 +461,25 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// `Err(Forked)` in a child forked after the store was opened.
+    #[inline]
+    pub(crate) fn check_not_forked(&self) -> Result<(), StoreError> {
+        if sys::fork_generation() == self.forked_at {
+            Ok(())
+        } else {
+            Err(StoreError::Forked)
+        }
+    }
+}
+
 impl Drop for Shared {
     /// A clean close: the slot is no longer in use, so the next solo open need not recover.
+    /// (Not in a forked child: the slot is its parent's.)
     fn drop(&mut self) {
+        if self.check_not_forked().is_err() {
+            return;
+        }
         self.map
             .store_u64(self.slot_off(S_IN_USE), 0, Ordering::Release);
     }
@@ -466,6 +487,13 @@ impl Drop for Shared {
 
 #[cfg(feature = "failpoints")]
 impl Store {
+    /// Test hook (only with the `failpoints` feature): runs `f` in a child forked from this
+    /// single-threaded process, which ends with `_exit(f())`; returns its exit code.
+    #[doc(hidden)]
+    pub fn in_forked_child(f: impl FnOnce() -> i32) -> std::io::Result<i32> {
+        sys::in_forked_child(f)
+    }
+
     /// Test hook (only with the `failpoints` feature): advances this process's lease sequence
     /// by `n`, as issuing `n` lease tokens would, so that tests can reach a wrap of the sequence.
     #[doc(hidden)]

@@ -140,3 +140,45 @@ pub(crate) fn effective_uid() -> u32 {
     // SAFETY: `geteuid` has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
+
+/// How many times this process is removed by `fork()` from the process that loaded this code:
+/// 0 in the original process, 1 in a child, 2 in a grandchild. A `Store` remembers the value at
+/// open and refuses leases in a forked child, which would share its parent's registration.
+pub(crate) fn fork_generation() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Once;
+    static GENERATION: AtomicU64 = AtomicU64::new(0);
+    static REGISTER: Once = Once::new();
+    extern "C" fn in_child() {
+        GENERATION.fetch_add(1, Ordering::Relaxed);
+    }
+    REGISTER.call_once(|| {
+        // SAFETY: registers a handler that only increments an atomic, which is async-signal
+        // safe as `fork` requires of child handlers; the function lives for the whole program.
+        let _ = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+    });
+    GENERATION.load(Ordering::Relaxed)
+}
+
+/// Test hook (only with the `failpoints` feature): runs `f` in a child forked from this
+/// process, which then ends with `_exit(f())`; returns the child's exit code.
+#[cfg(feature = "failpoints")]
+pub(crate) fn in_forked_child(f: impl FnOnce() -> i32) -> io::Result<i32> {
+    // SAFETY: the caller is a single-threaded test process; the child runs `f` and ends with
+    // `_exit` (no destructor or atexit handler of the parent's state runs twice).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let code = f();
+        // SAFETY: ends the child at once; always sound.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above; `status` outlives the call.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(libc::WEXITSTATUS(status))
+}

@@ -122,6 +122,21 @@ fn main() {
                 Some(r) => say(&format!("@val {}", String::from_utf8_lossy(&r.value))),
                 None => say("@none"),
             },
+            ["fork-lease", key] => {
+                // Forks, and in the child tries to take a lease through the parent's store.
+                let s = store.as_ref().unwrap();
+                let code = Store::in_forked_child(|| {
+                    let result =
+                        s.lease_blocking(key.as_bytes(), Instant::now() + Duration::from_secs(2));
+                    say(&format!(
+                        "@forked {}",
+                        result.map_or_else(|e| e.to_string(), |_| "leased".into())
+                    ));
+                    0
+                });
+                code.unwrap();
+                say("@ok");
+            }
             ["exit"] => break,
             _ => say(&format!("@err unknown command {line:?}")),
         }

@@ -2,8 +2,8 @@
 //! interleaving with failpoints (in this process, or in a `fault-child` process), and checks
 //! that no acknowledged commit is lost or hidden.
 //!
-//! Failpoints are process-wide, so the tests of this file that configure them in this process
-//! take `SERIAL` first.
+//! Failpoints are process-wide: a test that configures one stops the first thread of any test
+//! that passes it, so every test of this file takes `SERIAL` first.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -70,6 +70,7 @@ fn assert_clean_after_solo_reopen(path: &std::path::Path, expect: &[(&str, &str)
 /// committed there.
 #[test]
 fn a_growth_killed_before_publishing_hides_no_session() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     let old = Store::open_with(&path, options(LONG)).unwrap();
@@ -226,6 +227,7 @@ async fn queued_task_is_woken() {
 /// size class was refused even by an empty store, after purges and after a solo reopen.
 #[test]
 fn an_emptied_store_takes_a_value_of_a_new_size_class() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     // Room for three data chunks; values of 300 KiB fill them (three blocks per chunk).
@@ -280,6 +282,7 @@ fn an_emptied_store_takes_a_value_of_a_new_size_class() {
 /// blocked every later creator with the same pid (pid 1 on every container restart).
 #[test]
 fn a_creator_killed_mid_creation_blocks_no_later_creator() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     for nonce in 0..4 {
@@ -301,6 +304,7 @@ fn a_creator_killed_mid_creation_blocks_no_later_creator() {
 /// Defect 7: a zero lease timeout let a second holder take a live lease at once.
 #[test]
 fn a_zero_lease_timeout_is_refused() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let result = Store::open_with(
         dir.path().join("store"),
@@ -352,6 +356,7 @@ fn get_reads_on_while_commits_move_the_record() {
 /// be the parent's. It is refused with a clear error instead.
 #[test]
 fn a_forked_child_is_told_to_open_the_store_again() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     let store = Store::open_with(&path, options(LONG)).unwrap();
@@ -375,6 +380,7 @@ fn a_forked_child_is_told_to_open_the_store_again() {
 /// dead previous owner was taken for a live holder's: a 30 s stall instead of a take-over.
 #[test]
 fn a_dead_predecessors_lease_is_taken_over_at_once_after_many_tokens() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     let waiter = Store::open_with(&path, options(LONG)).unwrap();

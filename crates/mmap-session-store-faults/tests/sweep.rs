@@ -96,7 +96,13 @@ const CASES: &[(&str, Scenario)] = &[
 ];
 
 /// Failpoints that observe rather than write shared state; the defect tests use them.
-const OBSERVERS: &[&str] = &["local.enqueued", "store.get.copied"];
+const OBSERVERS: &[&str] = &[
+    "local.enqueued",
+    "store.get.copied",
+    // Steps of creation that touch only temporary files (tests/review.rs).
+    "open.create.tmp_opened",
+    "open.create.abandoned_locked",
+];
 
 /// Values of the large size class that the `Unclaim` scenario fills the file with.
 const LARGE: usize = 300 << 10;
@@ -200,6 +206,9 @@ fn sweep(failpoint: &str, scenario: Scenario, fault: Fault) {
         }
         Scenario::Purge => {
             let store = run.open();
+            // Committed first: the sweep that follows every commit could reclaim `k` itself
+            // once it has expired.
+            run.commit(&store, "live", &[None], "stays");
             let mut lease = store.lease_blocking(b"k", Instant::now() + WAIT).unwrap();
             lease
                 .commit(
@@ -212,7 +221,6 @@ fn sweep(failpoint: &str, scenario: Scenario, fault: Fault) {
                 std::thread::yield_now(); // until its 20 ms are over
             }
             run.ack("k", None);
-            run.commit(&store, "live", &[None], "stays");
             old = Some(store);
         }
         Scenario::Unclaim => {

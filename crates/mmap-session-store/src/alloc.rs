@@ -33,9 +33,8 @@ impl Shared {
         Some(c - 1)
     }
 
-    /// Takes a block of `class`: from its free list, else from an unclaimed chunk, else by
-    /// evicting a record of the class, else by returning wholly free chunks of other classes to
-    /// the unclaimed ones.
+    /// Takes a block of `class`: from its free list, else from an unclaimed chunk, else from a
+    /// chunk of another class whose blocks are all free, else by evicting a record of the class.
     pub(crate) fn alloc(&self, class: usize) -> Result<u32, StoreError> {
         for _ in 0..8 {
             if let Some(block) = self.pop(class) {
@@ -44,7 +43,8 @@ impl Shared {
             if let Some(block) = self.claim_chunk(class)? {
                 return Ok(block);
             }
-            if !self.evict_for(class) && !self.unclaim_free_chunks(class) {
+            // A wholly free chunk of another class goes before any live record.
+            if !self.unclaim_free_chunks(class) && !self.evict_for(class) {
                 break;
             }
         }
@@ -177,11 +177,12 @@ impl Shared {
     /// to be wholly free after all are pushed back. A process killed in between leaks the
     /// blocks it popped until recovery, like any block between allocation and publication.
     fn unclaim_free_chunks(&self, wanted: usize) -> bool {
-        const BUDGET: usize = 1 << 16;
         let mut gave_back = false;
         for class in (0..CLASS_COUNT).filter(|&c| c != wanted) {
             let per_chunk = (CHUNK_LEN / class_size(class)) as usize;
-            let (walked, whole) = self.wholly_free_chunks(class, per_chunk, BUDGET);
+            // Enough to see two whole chunks of the class, and never more than 65,536 blocks.
+            let budget = (2 * per_chunk).min(1 << 16);
+            let (walked, whole) = self.wholly_free_chunks(class, per_chunk, budget);
             if whole == 0 {
                 continue;
             }

@@ -97,6 +97,9 @@ impl Shared {
         };
         let removed = still && self.publish(state_off, token, 0).is_ok();
         failpoint!("evict.remove_idle.removed");
+        if removed {
+            self.give_up_key(state_off, token);
+        }
         self.release_internal(state_off, token);
         if removed {
             let counter = match why {

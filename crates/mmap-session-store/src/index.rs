@@ -182,10 +182,11 @@ impl Shared {
             else {
                 return Err(StoreError::Corrupted("index outside the file"));
             };
-            // Usable: no record and no lease (a key's entry whose record is gone may be
-            // recycled), or no key and no record with the lease of an insert that was given up.
+            // Usable: no key and no record. A lease there is an insert's that was given up, or
+            // a holder's that gave its key up on release (FORMAT.md, "Inserting a key"). An
+            // entry that still has a key is never taken: only its own lease holder gives it up.
             let keyless = tag == TAG_EMPTY || tag == TAG_VACATED;
-            if chosen.is_none() && (st == 0 || (keyless && state_block(st) == 0)) {
+            if chosen.is_none() && keyless && state_block(st) == 0 {
                 chosen = Some((pos, tag, st));
             }
             if tag == TAG_EMPTY {
@@ -193,6 +194,24 @@ impl Shared {
             }
         }
         Ok((None, chosen))
+    }
+}
+
+impl Shared {
+    /// Gives up the key of an entry whose lease `token` holds and which has no record, before
+    /// the lease is released, so that an insert may reuse the entry. False if it still has a
+    /// record, or the lease is no longer ours.
+    pub(crate) fn give_up_key(&self, state_off: u64, token: u32) -> bool {
+        let tag_off = state_off - E_STATE + E_TAG;
+        match self.map.load_u64(state_off, Ordering::Acquire) {
+            Some(st) if holder(st) == token && state_block(st) == 0 => {}
+            _ => return false,
+        }
+        let Some(tag) = self.map.load_u64(tag_off, Ordering::Acquire) else {
+            return false;
+        };
+        // Only a key's tag is given up; only the lease holder of a keyed entry changes it.
+        tag & 3 == 2 && self.map.cas_u64(tag_off, tag, TAG_VACATED).is_ok()
     }
 }
 

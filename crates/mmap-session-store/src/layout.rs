@@ -8,7 +8,7 @@ pub(crate) const MAGIC: [u8; 8] = *b"MMSESSN\0";
 /// Bumped whenever the meaning of any byte changes.
 pub(crate) const FORMAT_VERSION: u32 = 2;
 /// Identifies the locking scheme (OFD locks + futex on the state word); part of the fingerprint.
-const LOCK_SCHEME: u64 = 1;
+const LOCK_SCHEME: u64 = 2;
 
 /// The header occupies the first page.
 pub(crate) const HEADER_LEN: u64 = 4096;
@@ -115,6 +115,9 @@ pub(crate) const TOKEN_SEQ_MASK: u32 = (1 << TOKEN_SLOT_SHIFT) - 1;
 pub(crate) const LOCK_BASE: i64 = 1 << 50;
 pub(crate) const LOCK_RECOVERY: i64 = LOCK_BASE + 4096;
 pub(crate) const LOCK_GROW: i64 = LOCK_BASE + 4097;
+/// Byte `LOCK_READY_BASE + slot` is locked by a slot's owner once it has released whatever a
+/// dead predecessor in the slot held: until then, tokens of the slot are a dead process's.
+pub(crate) const LOCK_READY_BASE: i64 = LOCK_BASE + 8192;
 
 /// A fingerprint of every constant that shapes the file, so a build with a different layout
 /// refuses a file instead of misreading it.

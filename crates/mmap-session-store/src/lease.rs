@@ -150,6 +150,8 @@ impl Lease {
                 }
             }
         }
+        // A key without a record gives its entry up, for inserts to reuse.
+        s.give_up_key(self.state_off, self.token);
         s.release_word(self.state_off, self.token);
         #[cfg(feature = "tokio")]
         {

@@ -161,6 +161,23 @@ impl LocalWaiters {
         };
         spawn_watcher(runtime, store.clone(), *kh);
     }
+    /// Starts a watcher for `kh`'s queue if it has waiters and none runs (a queued task that
+    /// has waited long for a holder of this process asks for one).
+    pub(crate) fn ensure_watcher(&self, store: &Store, kh: &KeyHash) {
+        let runtime = {
+            let mut queues = self.lock();
+            let Some(q) = queues.get_mut(&kh.hash) else {
+                return;
+            };
+            if q.watcher || q.waiters.is_empty() {
+                return;
+            }
+            q.watcher = true;
+            q.runtime.clone()
+        };
+        spawn_watcher(runtime, store.clone(), *kh);
+    }
+
     /// Called after an internal holder of this process (which never hands a lease over)
     /// released a word: every queue that counted on a holder of this process now needs a
     /// watcher. Internal holders rarely meet queued tasks, so looking at every queue is cheap.

@@ -228,15 +228,20 @@ impl Shared {
     }
 
     /// Whether the process that issued `token` is alive, as the kernel tells it: its slot's
-    /// registration lock is held. A process that takes over the slot of one that died releases
-    /// every word its predecessor held before it issues a token (`reclaim_slot`), so a token
-    /// of a locked slot is always its live owner's, however many tokens were issued since.
+    /// ready lock is held. A process that takes over the slot of one that died releases every
+    /// word its predecessor held (`reclaim_slot`) before it takes the ready lock and issues a
+    /// token, so a token of a ready slot is always its live owner's, however many tokens were
+    /// issued since; and while the new owner is still releasing, the predecessor's tokens are
+    /// seen as dead, as they are.
     pub(crate) fn holder_alive(&self, token: u32) -> Result<bool, StoreError> {
         let slot = token_slot(token);
         if slot >= MAX_SLOTS {
             return Ok(false);
         }
-        Ok(slot == self.slot || sys::is_locked_by_other(&self.file, LOCK_BASE + slot as i64)?)
+        Ok(
+            slot == self.slot
+                || sys::is_locked_by_other(&self.file, LOCK_READY_BASE + slot as i64)?,
+        )
     }
 
     /// Releases every lease and shard lock that tokens of this process's slot hold: they were

@@ -352,19 +352,29 @@ fn create(path: &Path, opts: &Options) -> Result<(), OpenError> {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp);
-        match opened {
-            Ok(file) => break (tmp, file),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => attempts += 1,
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => {
+                attempts += 1;
+                continue;
+            }
             Err(e) => return Err(io_err(&tmp)(e)),
+        };
+        failpoint!("open.create.tmp_opened");
+        // Held while the file is being written, so that a later creator can tell an abandoned
+        // temporary file (its lock is free: the creator died) from one still being written.
+        if sys::try_lock(&file, 0, sys::LockKind::Exclusive).map_err(io_err(&tmp))? {
+            break (tmp, file);
         }
+        // Another creator's clean-up took it for abandoned in the instant before we locked it
+        // (and removes it): start again under another name.
+        if attempts >= 8 {
+            return Err(io_err(&tmp)(io::Error::other(
+                "every new temporary file was taken by another creator's clean-up",
+            )));
+        }
+        attempts += 1;
     };
-    // Held while the file is being written, so that a later creator can tell an abandoned
-    // temporary file (its lock is free: the creator died) from one still being written.
-    if !sys::try_lock(&file, 0, sys::LockKind::Exclusive).map_err(io_err(&tmp))? {
-        return Err(io_err(&tmp)(io::Error::other(
-            "the new temporary file is locked by another process",
-        )));
-    }
     let result = (|| {
         sys::reserve(&file, 0, geometry.data_off).map_err(io_err(&tmp))?;
         file.write_all_at(&geometry.to_header(), 0)
@@ -407,6 +417,7 @@ fn remove_abandoned_creations(dir: &Path, name: &str) {
             continue;
         };
         if sys::try_lock(&file, 0, sys::LockKind::Exclusive).unwrap_or(false) {
+            failpoint!("open.create.abandoned_locked");
             tracing::info!(path = %path.display(), "removing the temporary file of a creator that died");
             let _ = std::fs::remove_file(&path);
         }

@@ -72,6 +72,11 @@ impl Shared {
                     dropped += 1;
                 }
             }
+            if keep == 0 && tag & 3 == 2 {
+                // A key without a record (its holder died before giving it up).
+                self.map
+                    .store_u64(off + E_TAG, crate::index::TAG_VACATED, Ordering::Relaxed);
+            }
             if st != state(keep, 0) {
                 self.map
                     .store_u64(off + E_STATE, state(keep, 0), Ordering::Relaxed);

@@ -53,6 +53,11 @@ pub(crate) struct Shared {
 /// watched it this long, so zero would let anyone take a live lease at once.
 pub(crate) const MIN_LEASE_TIMEOUT: Duration = Duration::from_millis(1);
 
+/// How long a task queued behind a lease holder of its own process waits for that holder's
+/// hand-over before its queue also watches the key in the file (see `lease_hashed`).
+#[cfg(feature = "tokio")]
+const LOCAL_PATIENCE: Duration = Duration::from_millis(50);
+
 /// How many times `get` reads a record that concurrent commits keep replacing.
 const GET_ATTEMPTS: u32 = 1000;
 
@@ -187,6 +192,14 @@ impl Store {
         }
         if predecessor_died && !alone {
             s.reclaim_slot();
+        }
+        // From here on, tokens of this slot are ours and alive.
+        if !sys::try_lock(&s.file, LOCK_READY_BASE + slot as i64, LockKind::Exclusive)
+            .map_err(io)?
+        {
+            return Err(io(io::Error::other(
+                "the ready lock of a free process slot is held by another process",
+            )));
         }
         s.map.store_u64(
             s.slot_off(S_PID),
@@ -376,7 +389,23 @@ impl Store {
         if let Some(lease) = self.try_lease_hashed(kh)? {
             return Ok(lease);
         }
-        let rx = self.shared.local.enqueue(self, kh, deadline);
+        let mut rx = self.shared.local.enqueue(self, kh, deadline);
+        // A task queued behind a holder of this process relies on that holder's release. If
+        // the holder keeps the lease for long (it may be stalled, and another process may take
+        // the lease over and release it), the queue gets a watcher of its own, which waits in
+        // the file like any other process would.
+        let nudge = Instant::now() + LOCAL_PATIENCE;
+        if nudge < deadline {
+            match tokio::time::timeout_at(nudge.into(), &mut rx).await {
+                Ok(Ok(delivery)) => return delivery,
+                Ok(Err(_)) => {
+                    return Err(StoreError::Io(io::Error::other(
+                        "the lease waiter was dropped",
+                    )))
+                }
+                Err(_) => self.shared.local.ensure_watcher(self, &kh),
+            }
+        }
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(delivery)) => delivery,
             Ok(Err(_)) => Err(StoreError::Io(io::Error::other(

@@ -93,9 +93,11 @@ pub(crate) fn reserve(file: &File, off: u64, len: u64) -> io::Result<()> {
     }
 }
 
-/// `posix_fallocate`, retried when a signal interrupts it. False if the filesystem does not
-/// support it. Concurrent calls over overlapping ranges are safe: each only allocates, and the
-/// file only grows.
+/// `fallocate(2)` (mode 0: allocate and extend), retried when a signal interrupts it. False if
+/// the filesystem does not support it. Concurrent calls over overlapping ranges are safe: each
+/// only allocates, and the file only grows. (Not `posix_fallocate`: where the filesystem lacks
+/// `fallocate`, glibc emulates it by reading and rewriting a byte per block, which races with
+/// other processes writing records; the caller serialises its own fallback instead.)
 pub(crate) fn fallocate(file: &File, off: u64, len: u64) -> io::Result<bool> {
     let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
         return Err(io::Error::new(
@@ -105,12 +107,15 @@ pub(crate) fn fallocate(file: &File, off: u64, len: u64) -> io::Result<bool> {
     };
     loop {
         // SAFETY: plain system call on a descriptor owned by `file`; no pointers are passed.
-        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), o, l) };
-        match rc {
-            0 => return Ok(true),
-            libc::EINTR => continue,
-            libc::EOPNOTSUPP | libc::EINVAL => return Ok(false),
-            code => return Err(io::Error::from_raw_os_error(code)),
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, o, l) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(false),
+            _ => return Err(e),
         }
     }
 }

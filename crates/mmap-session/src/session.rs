@@ -1,7 +1,7 @@
 //! The [`Session`] handle: lazy loading under the store's busy lease, and the operations handlers use.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -388,15 +388,23 @@ impl SessionInner {
     /// is tried here.
     pub(crate) fn abandon(&self) {
         self.abandoned.store(true, Ordering::SeqCst);
-        self.settle_if_abandoned();
+        // Paired with the fence in `settle_if_abandoned`: either the state is free here, or its
+        // holder, having let go, sees the flag.
+        fence(Ordering::SeqCst);
+        self.settle();
     }
 
-    /// If the request is over, ends whatever state is left, unless someone else holds it (who
-    /// will call this again after letting go).
+    /// Called after letting go of the state: if the request ended meanwhile, ends whatever
+    /// state is left (unless someone else holds it now, who will call this in turn).
     fn settle_if_abandoned(&self) {
-        if !self.abandoned.load(Ordering::SeqCst) {
-            return;
+        fence(Ordering::SeqCst);
+        if self.abandoned.load(Ordering::SeqCst) {
+            self.settle();
         }
+    }
+
+    /// Ends whatever state is left, if the state is free.
+    fn settle(&self) {
         if let Ok(mut state) = self.state.try_lock() {
             let previous = std::mem::replace(&mut *state, State::Finished);
             drop(state);

@@ -208,7 +208,7 @@ pub fn set_cookie_values(response: &Response<Body>) -> Vec<String> {
 }
 
 /// The sessions all layers have found undecodable so far.
-pub fn undecodable(web: &Web) -> u64 {
+pub fn undecodable_count(web: &Web) -> u64 {
     web.layers.iter().map(|l| l.undecodable_sessions()).sum()
 }
 

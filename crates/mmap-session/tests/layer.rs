@@ -1004,28 +1004,9 @@ async fn set_expiry_is_stored_with_the_session_and_resends_the_cookie(kind: Kind
 
 /// A `name=value` pair for a well-formed id that the server never issued.
 fn unknown_pair(i: u8) -> String {
-    let bytes = [i; 16];
-    let text = base64_url(&bytes);
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([i; 16]);
     format!("session={text}")
-}
-
-fn base64_url(bytes: &[u8; 16]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut bits = 0u32;
-    let mut len = 0;
-    let mut out = String::new();
-    for &byte in bytes {
-        bits = (bits << 8) | u32::from(byte);
-        len += 8;
-        while len >= 6 {
-            len -= 6;
-            out.push(char::from(ALPHABET[((bits >> len) & 63) as usize]));
-        }
-    }
-    if len > 0 {
-        out.push(char::from(ALPHABET[((bits << (6 - len)) & 63) as usize]));
-    }
-    out
 }
 
 async fn a_non_ascii_byte_in_another_cookie_does_not_hide_the_session(kind: Kind) {

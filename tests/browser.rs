@@ -2,8 +2,9 @@
 //! nginx, in front of three processes that share one session file: it signs in, fills a cart and
 //! finds it on pages served by different processes.
 //!
-//! Needs nginx, chromium and chromedriver (Debian: `apt-get install nginx chromium
-//! chromium-driver`), and the example binaries, which plain `cargo test` builds first.
+//! Needs nginx, chromium and chromedriver (`tests/run.sh` installs them; Debian: `apt-get install
+//! nginx chromium chromium-driver`; `$NGINX`, `$CHROMIUM` and `$CHROMEDRIVER` name other copies),
+//! and the example binaries, which plain `cargo test` builds first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -22,7 +23,7 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
 /// Starts chromedriver on a free port and waits until it says it is ready.
 async fn start_chromedriver(cluster: &Cluster) -> (Proc, u16) {
-    let chromedriver = required_program(CHROMEDRIVER, "chromium-driver");
+    let chromedriver = required_program("CHROMEDRIVER", CHROMEDRIVER, "chromium-driver");
     let port = free_port();
     let mut command = Command::new(chromedriver);
     command.arg(format!("--port={port}"));
@@ -54,7 +55,7 @@ async fn start_chromedriver(cluster: &Cluster) -> (Proc, u16) {
 }
 
 async fn start_browser(cluster: &Cluster, driver_port: u16) -> Client {
-    let chromium = required_program(CHROMIUM, "chromium");
+    let chromium = required_program("CHROMIUM", CHROMIUM, "chromium");
     let profile = cluster.dir().join("chromium-profile");
     let capabilities = json!({
         "goog:chromeOptions": {

@@ -3,8 +3,8 @@
 //! Each test runs twice: `file::` with the sessions in a file, `redis::` with the sessions in a
 //! redis-server the test starts.
 //!
-//! They need nginx (`apt-get install nginx`), redis-server and the example binaries, which plain
-//! `cargo test` builds first.
+//! They need nginx and redis-server (`tests/run.sh` installs them; Debian: `apt-get install nginx
+//! redis-server`) and the example binaries, which plain `cargo test` builds first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -141,15 +141,25 @@ async fn the_counter_keeps_its_http_contract(sessions: Sessions) {
         let reply = peek(&cluster, Some(&cookie)).await;
         assert_eq!(reply.count.map(|(count, _)| count), Some(0));
 
-        // The old cookie is not adopted: counting again starts a new session under a new id.
-        let reply = counter_request(
-            &cluster.client,
-            Method::GET,
-            &cluster.url("/"),
-            Some(&cookie),
-        )
-        .await
-        .unwrap();
+        // A request still carrying the logged-out cookie just after the logout (one sent in
+        // parallel with it) changes nothing and sets no cookie, whichever process answers, so
+        // that the logout's removal stays in the browser.
+        for _ in 0..COPIES {
+            let reply = counter_request(
+                &cluster.client,
+                Method::GET,
+                &cluster.url("/"),
+                Some(&cookie),
+            )
+            .await
+            .unwrap();
+            assert_eq!(reply.status, StatusCode::CONFLICT);
+            assert_eq!(reply.set_cookie, None, "the logged-out cookie was answered");
+        }
+        // Counting again starts a new session under a new id.
+        let reply = counter_request(&cluster.client, Method::GET, &cluster.url("/"), None)
+            .await
+            .unwrap();
         assert_eq!(reply.count.map(|(count, _)| count), Some(1));
         let fresh = cookie_pair(&reply.set_cookie.expect("a new session sets its cookie"));
         assert_ne!(fresh, cookie, "the logged-out id was reused");

@@ -45,6 +45,8 @@ pub struct Web {
     pub rt: tokio::runtime::Runtime,
     pub store: Store,
     pub apps: Vec<Router>,
+    /// The layer of each app, to read its count of undecodable sessions.
+    pub layers: Vec<mmap_session::SessionLayer>,
 }
 
 /// The cookie value the signed layer issues for `id_text`: `id.tag`, the tag being
@@ -137,19 +139,23 @@ pub fn web() -> &'static Web {
         std::fs::remove_file(&path).unwrap();
         let keys = SigningKeys::new([SIGNING_KEY]).unwrap();
         let layer = || mmap_session::SessionLayer::new(store.clone()).secure(false);
-        let apps = vec![
-            router().layer(layer()),
-            router().layer(layer().signed(keys)),
-            router().layer(
-                layer()
-                    .expiry(Expiry::OnSessionEnd)
-                    .refresh_interval(Duration::ZERO),
-            ),
-            router().layer(layer().expiry(Expiry::AtDateTime(
+        let layers = vec![
+            layer(),
+            layer().signed(keys),
+            layer()
+                .expiry(Expiry::OnSessionEnd)
+                .refresh_interval(Duration::ZERO),
+            layer().expiry(Expiry::AtDateTime(
                 SystemTime::now() + Duration::from_secs(3600),
-            ))),
+            )),
         ];
-        Web { rt, store, apps }
+        let apps = layers.iter().map(|l| router().layer(l.clone())).collect();
+        Web {
+            rt,
+            store,
+            apps,
+            layers,
+        }
     })
 }
 
@@ -199,6 +205,11 @@ pub fn set_cookie_values(response: &Response<Body>) -> Vec<String> {
         .filter_map(|v| v.strip_prefix("session="))
         .map(|v| v.split(';').next().unwrap_or("").to_owned())
         .collect()
+}
+
+/// The sessions all layers have found undecodable so far.
+pub fn undecodable_count(web: &Web) -> u64 {
+    web.layers.iter().map(|l| l.undecodable_sessions()).sum()
 }
 
 /// Whether a response status says the layer failed on its own (not the store being busy or full).

@@ -102,8 +102,19 @@ fn newest_file(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
     newest
 }
 
-/// A program that must be installed for the end-to-end tests (CI installs it).
-pub(crate) fn required_program(path_or_name: &str, debian_package: &str) -> PathBuf {
+/// A program that must be installed for the end-to-end tests (`tests/run.sh` installs it): the
+/// path in `$env` if set, else `path_or_name` (a name is looked for in PATH and the sbin
+/// directories).
+pub(crate) fn required_program(env: &str, path_or_name: &str, debian_package: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "${env} is {}, which is not a file",
+            path.display()
+        );
+        return path;
+    }
     let found = if path_or_name.contains('/') {
         Some(PathBuf::from(path_or_name)).filter(|path| path.is_file())
     } else {
@@ -116,8 +127,9 @@ pub(crate) fn required_program(path_or_name: &str, debian_package: &str) -> Path
     };
     found.unwrap_or_else(|| {
         panic!(
-            "`{path_or_name}` is required by this end-to-end test and was not found: install it \
-             (Debian: `apt-get install {debian_package}`)"
+            "`{path_or_name}` is required by this end-to-end test and was not found (nor set in \
+             ${env}): run tests/run.sh, which installs it, or install it yourself (Debian: \
+             `apt-get install {debian_package}`)"
         )
     })
 }
@@ -431,7 +443,7 @@ impl Nginx {
         upstream_ports: &[u16],
         location_directives: &str,
     ) -> Self {
-        let nginx = required_program("nginx", "nginx");
+        let nginx = required_program("NGINX", "nginx", "nginx");
         let prefix = dir.join("nginx");
         fs::create_dir_all(&prefix).expect("create the nginx prefix directory");
         let port = free_port();

@@ -224,6 +224,15 @@ pub(crate) struct Config {
 pub const DEFAULT_COOKIE_NAME: &str = "session";
 /// Default for [`SessionLayer::refresh_interval`](crate::SessionLayer::refresh_interval): one minute.
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+/// How long the id a session had before [`Session::cycle_id`](crate::Session::cycle_id) or
+/// [`Session::flush`](crate::Session::flush) is remembered as replaced: one minute.
+///
+/// A request that still carries the old cookie in that time (one sent in parallel with the login
+/// or logout, which waited for the session or was on its way) sees an empty session that it may
+/// not change ([`SessionError::Replaced`](crate::SessionError::Replaced), `409 Conflict`) and
+/// sends no `Set-Cookie`, so the cookie the login or logout sent stays in the browser. Later, the
+/// old cookie names no session: it is expired when a handler touches the session.
+pub const REPLACED_GRACE: Duration = Duration::from_secs(60);
 /// Default for [`SessionLayer::lease_wait`](crate::SessionLayer::lease_wait): five seconds.
 pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(5);
 /// Default for [`SessionLayer::max_session_size`](crate::SessionLayer::max_session_size): 64 KiB,

@@ -15,47 +15,105 @@ const TAG_LEN: usize = 43;
 /// Longest cookie value the layer looks at; anything longer is not ours.
 const MAX_VALUE_LEN: usize = ENCODED_LEN + 1 + TAG_LEN;
 
-/// The first session id in the request's cookies that is well formed and, when signing is on,
-/// carries a valid signature. Anything else is "no session".
-pub(crate) fn session_id_from(headers: &HeaderMap, config: &Config) -> Option<SessionId> {
-    for header in headers.get_all(COOKIE) {
-        let Ok(text) = header.to_str() else {
-            continue;
-        };
-        for value in values_named(text, &config.cookie_name) {
-            if let Some(id) = verify_value(value, config) {
-                return Some(id);
+/// Most values of the session cookie's name that a request has looked up in the store. A browser
+/// sends one per path and domain it holds the cookie for (a stale one from another path, or one
+/// planted from a sibling subdomain, may come first); more than a few is not a browser.
+pub(crate) const MAX_CANDIDATES: usize = 4;
+
+/// What the request's `Cookie` headers say about the session cookie: the ids to try, in the
+/// order the browser sent them, and whether a value was not ours.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Candidates {
+    ids: [Option<SessionId>; MAX_CANDIDATES],
+    /// A value of the cookie's name was malformed, oversized or not signed by us.
+    pub(crate) malformed: bool,
+}
+
+impl Candidates {
+    /// The well-formed ids, first sent first, each once.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.ids.iter().map_while(|id| *id)
+    }
+
+    /// True if the request carries no well-formed session cookie.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ids[0].is_none()
+    }
+
+    /// True if the request carries a session cookie value that is certainly not a session: a
+    /// malformed one, and no well-formed one that might name a live session. Its removal needs
+    /// no store access.
+    pub(crate) fn only_malformed(&self) -> bool {
+        self.malformed && self.is_empty()
+    }
+
+    fn push(&mut self, id: SessionId) -> bool {
+        for slot in &mut self.ids {
+            match slot {
+                Some(existing) if *existing == id => return true,
+                Some(_) => {}
+                None => {
+                    *slot = Some(id);
+                    return true;
+                }
             }
-            tracing::debug!("ignored a session cookie that is malformed or not signed by us");
+        }
+        false
+    }
+}
+
+/// The session ids in the request's cookies that are well formed and, when signing is on, carry
+/// a valid signature (at most [`MAX_CANDIDATES`]). The header is read as bytes: another cookie of
+/// the site may hold UTF-8 or any other byte, and must not hide ours.
+pub(crate) fn session_cookies(headers: &HeaderMap, config: &Config) -> Candidates {
+    let mut found = Candidates::default();
+    for header in headers.get_all(COOKIE) {
+        for value in values_named(header.as_bytes(), config.cookie_name.as_bytes()) {
+            match verify_value(value, config) {
+                Some(id) => {
+                    if !found.push(id) {
+                        return found;
+                    }
+                }
+                None => {
+                    tracing::debug!(
+                        "ignored a session cookie that is malformed or not signed by us"
+                    );
+                    found.malformed = true;
+                }
+            }
         }
     }
-    None
+    found
 }
 
 /// The values of the cookies called `name` in one `Cookie` header: `name=value` pairs separated by
 /// `;` (RFC 6265, section 4.2.1), whitespace around names and values ignored, a value's double
-/// quotes removed. A plain split: a full cookie parser would build every cookie of the header on
-/// every request only to look at one.
-fn values_named<'a>(header: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    header.split(';').filter_map(move |pair| {
-        let (pair_name, value) = pair.split_once('=')?;
+/// quotes removed. A plain split over bytes: a full cookie parser would build every cookie of the
+/// header on every request only to look at one.
+fn values_named<'a>(header: &'a [u8], name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    header.split(|&byte| byte == b';').filter_map(move |pair| {
+        let eq = pair.iter().position(|&byte| byte == b'=')?;
+        let (pair_name, value) = (pair.get(..eq)?, pair.get(eq + 1..)?);
         if pair_name.trim_ascii() != name {
             return None;
         }
         let value = value.trim_ascii();
         Some(
             value
-                .strip_prefix('"')
-                .and_then(|inner| inner.strip_suffix('"'))
+                .strip_prefix(b"\"")
+                .and_then(|inner| inner.strip_suffix(b"\""))
                 .unwrap_or(value),
         )
     })
 }
 
-fn verify_value(value: &str, config: &Config) -> Option<SessionId> {
+fn verify_value(value: &[u8], config: &Config) -> Option<SessionId> {
     if value.len() > MAX_VALUE_LEN {
         return None;
     }
+    // Ours are base64url (and a dot): anything else is not.
+    let value = std::str::from_utf8(value).ok()?;
     match &config.keys {
         None => SessionId::decode(value),
         Some(keys) => {
@@ -91,11 +149,36 @@ fn cookie_value(id: &SessionId, config: &Config) -> String {
     }
 }
 
-/// The configuration cannot be written as a `Set-Cookie` header (a name, path or domain with
-/// characters a header may not hold).
-#[derive(Debug, thiserror::Error)]
-#[error("the session cookie's configured name, path or domain is not valid in a header")]
-pub(crate) struct InvalidCookieConfig;
+/// Why the configured cookie cannot be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum InvalidCookieConfig {
+    /// A name, path or domain with characters a header may not hold.
+    #[error("the session cookie's configured name, path or domain is not valid in a header")]
+    NotAHeader,
+    /// Browsers accept a `__Host-` cookie only with `Secure`, `Path=/` and no `Domain`.
+    #[error("a cookie named __Host-... needs Secure, Path=/ and no Domain; browsers refuse it otherwise")]
+    HostPrefix,
+    /// Browsers accept a `__Secure-` cookie only with `Secure`.
+    #[error("a cookie named __Secure-... needs Secure; browsers refuse it otherwise")]
+    SecurePrefix,
+}
+
+/// Checks what browsers require of a cookie name's prefix (RFC 6265bis, section 4.1.3), matched
+/// without regard to case as browsers do.
+fn check_prefix(config: &Config) -> Result<(), InvalidCookieConfig> {
+    let name = config.cookie_name.as_bytes();
+    let has = |prefix: &[u8]| {
+        name.get(..prefix.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+    };
+    if has(b"__Host-") && (!config.secure || config.domain.is_some() || config.path != "/") {
+        return Err(InvalidCookieConfig::HostPrefix);
+    }
+    if has(b"__Secure-") && !config.secure {
+        return Err(InvalidCookieConfig::SecurePrefix);
+    }
+    Ok(())
+}
 
 fn base(config: &Config, value: String) -> cookie::Cookie<'static> {
     let mut cookie = cookie::Cookie::new(config.cookie_name.clone(), value);
@@ -111,14 +194,15 @@ fn base(config: &Config, value: String) -> cookie::Cookie<'static> {
 
 /// What follows `name=value` in every session cookie: the configured attributes
 /// (`; HttpOnly; SameSite=Lax; Secure; Path=/` by default), formatted by the `cookie` crate once
-/// per layer instead of once per response. `None` if the configuration cannot be sent as a header.
-pub(crate) fn attribute_tail(config: &Config) -> Option<String> {
-    removal_cookie(config).ok()?;
+/// per layer instead of once per response. An error if the configuration cannot be sent.
+pub(crate) fn attribute_tail(config: &Config) -> Result<String, InvalidCookieConfig> {
+    removal_cookie(config)?;
     let formatted = base(config, String::new()).to_string();
     formatted
         .strip_prefix(&config.cookie_name)
         .and_then(|rest| rest.strip_prefix('='))
         .map(str::to_owned)
+        .ok_or(InvalidCookieConfig::NotAHeader)
 }
 
 /// `Set-Cookie` carrying `id`, with a lifetime matching `expiry`; `tail` is
@@ -149,14 +233,15 @@ pub(crate) fn session_cookie(
         text.push_str("; Max-Age=");
         text.push_str(&secs.to_string());
     }
-    HeaderValue::try_from(text).map_err(|_| InvalidCookieConfig)
+    HeaderValue::try_from(text).map_err(|_| InvalidCookieConfig::NotAHeader)
 }
 
 /// `Set-Cookie` that makes the browser drop the session cookie.
 pub(crate) fn removal_cookie(config: &Config) -> Result<HeaderValue, InvalidCookieConfig> {
+    check_prefix(config)?;
     let mut cookie = base(config, String::new());
     cookie.make_removal();
-    HeaderValue::try_from(cookie.to_string()).map_err(|_| InvalidCookieConfig)
+    HeaderValue::try_from(cookie.to_string()).map_err(|_| InvalidCookieConfig::NotAHeader)
 }
 
 #[cfg(test)]
@@ -167,20 +252,25 @@ mod tests {
 
     #[test]
     fn the_values_of_one_cookie_name_are_found_among_the_others() {
-        let found: Vec<&str> = values_named(
-            r#"a=1; session=x;b=2 ;  session = "y" ;sessions=z; =w; session"#,
-            "session",
+        let found: Vec<&[u8]> = values_named(
+            "a=1; session=x;b=2 ;  session = \"y\" ;sessions=z; =w; session; é=\u{e9}".as_bytes(),
+            b"session",
         )
         .collect();
-        assert_eq!(found, ["x", "y"]);
-        assert_eq!(values_named("", "session").count(), 0);
+        assert_eq!(found, [b"x", b"y"]);
+        assert_eq!(values_named(b"", b"session").count(), 0);
         assert_eq!(
-            values_named("session=", "session").collect::<Vec<_>>(),
-            [""]
+            values_named(b"session=", b"session").collect::<Vec<_>>(),
+            [b""]
         );
         assert_eq!(
-            values_named(r#"session=""#, "session").collect::<Vec<_>>(),
-            ["\""]
+            values_named(b"session=\"", b"session").collect::<Vec<_>>(),
+            [b"\""]
+        );
+        // Bytes that are not UTF-8 around the cookie do not hide it.
+        assert_eq!(
+            values_named(b"p=\xe9\xff; session=x; q=\xc3", b"session").collect::<Vec<_>>(),
+            [b"x"]
         );
     }
 
@@ -195,7 +285,30 @@ mod tests {
         let config = Config::default();
         let id = SessionId::generate().unwrap();
         let h = headers(&format!("a=1; session={}; b=2", id.encode()));
-        assert_eq!(session_id_from(&h, &config), Some(id));
+        let found = session_cookies(&h, &config);
+        assert_eq!(found.ids().collect::<Vec<_>>(), [id]);
+        assert!(!found.malformed);
+    }
+
+    #[test]
+    fn a_few_candidates_are_kept_in_order_each_once() {
+        let config = Config::default();
+        let ids: Vec<SessionId> = (0..6).map(|_| SessionId::generate().unwrap()).collect();
+        let text: Vec<String> = ids
+            .iter()
+            .map(|id| format!("session={}", id.encode()))
+            .collect();
+        let header = format!(
+            "{}; session=junk; {}; {}",
+            text[0],
+            text[0],
+            text[1..].join("; ")
+        );
+        let found = session_cookies(&headers(&header), &config);
+        assert_eq!(found.ids().collect::<Vec<_>>(), ids[..MAX_CANDIDATES]);
+        assert!(found.malformed && !found.only_malformed());
+        let found = session_cookies(&headers("session=junk"), &config);
+        assert!(found.is_empty() && found.only_malformed());
     }
 
     #[test]
@@ -206,13 +319,13 @@ mod tests {
         };
         let id = SessionId::generate().unwrap();
         let value = cookie_value(&id, &config);
-        assert_eq!(verify_value(&value, &config), Some(id));
+        assert_eq!(verify_value(value.as_bytes(), &config), Some(id));
 
         let other = SessionId::generate().unwrap();
         let (_, tag) = value.split_once('.').unwrap();
         let moved = format!("{}.{tag}", other.encode());
-        assert_eq!(verify_value(&moved, &config), None);
-        assert_eq!(verify_value(&id.encode(), &config), None);
+        assert_eq!(verify_value(moved.as_bytes(), &config), None);
+        assert_eq!(verify_value(id.encode().as_bytes(), &config), None);
     }
 
     #[test]
@@ -229,6 +342,6 @@ mod tests {
             ..Config::default()
         };
         let id = SessionId::generate().unwrap();
-        assert_eq!(verify_value(&cookie_value(&id, &a), &b), None);
+        assert_eq!(verify_value(cookie_value(&id, &a).as_bytes(), &b), None);
     }
 }

@@ -54,6 +54,46 @@ impl From<StoredExpiry> for Expiry {
     }
 }
 
+/// How deeply a value stored in a session may nest (arrays and objects, one level each; a
+/// scalar is depth 0). serde_json refuses to read JSON nested deeper than 127 levels, and the
+/// envelope and the session's map take two of them: anything deeper could be written but never
+/// read back.
+pub(crate) const MAX_VALUE_DEPTH: usize = 125;
+
+/// The record left under an id whose session moved to a new id ([`Session::cycle_id`]) or
+/// ended with a new id ([`Session::flush`]), for [`REPLACED_GRACE`]: a request still carrying the
+/// old cookie learns that another request replaced the session moments ago, and leaves the
+/// browser's cookie alone. No `"d"`: a layer that does not know the marker reads no session in it.
+///
+/// [`Session::cycle_id`]: crate::Session::cycle_id
+/// [`Session::flush`]: crate::Session::flush
+/// [`REPLACED_GRACE`]: crate::REPLACED_GRACE
+pub(crate) const REPLACED: &[u8] = b"{\"r\":1}";
+
+/// Why a session could not be encoded.
+#[derive(Debug)]
+pub(crate) enum EncodeError {
+    /// A value nests deeper than [`MAX_VALUE_DEPTH`].
+    TooDeep,
+    /// serde_json could not format a number.
+    Json(serde_json::Error),
+}
+
+impl From<serde_json::Error> for EncodeError {
+    fn from(error: serde_json::Error) -> Self {
+        EncodeError::Json(error)
+    }
+}
+
+/// What a stored record holds.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Stored {
+    /// A session.
+    Session(Decoded),
+    /// The [`REPLACED`] marker.
+    Replaced,
+}
+
 /// A decoded session.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct Decoded {
@@ -72,7 +112,7 @@ pub(crate) fn encode(
     data: &Map<String, Value>,
     expiry: Option<Expiry>,
     len_hint: usize,
-) -> Result<Vec<u8>, serde_json::Error> {
+) -> Result<Vec<u8>, EncodeError> {
     let mut bytes = Vec::with_capacity(len_hint);
     write_envelope(&mut bytes, data, expiry)?;
     Ok(bytes)
@@ -82,7 +122,7 @@ pub(crate) fn encode(
 pub(crate) fn encoded_len(
     data: &Map<String, Value>,
     expiry: Option<Expiry>,
-) -> Result<usize, serde_json::Error> {
+) -> Result<usize, EncodeError> {
     let mut counter = Counter(0);
     write_envelope(&mut counter, data, expiry)?;
     Ok(counter.0)
@@ -97,7 +137,7 @@ pub(crate) const EMPTY_LEN: usize = 8;
 pub(crate) fn entry_len(key: &str, value: &Value) -> usize {
     let mut counter = Counter(0);
     write_str(&mut counter, key);
-    match write_value(&mut counter, value) {
+    match write_value(&mut counter, value, MAX_VALUE_DEPTH) {
         Ok(()) => counter.0.saturating_add(1),
         Err(_) => usize::MAX,
     }
@@ -151,9 +191,9 @@ fn write_envelope<S: Sink>(
     out: &mut S,
     data: &Map<String, Value>,
     expiry: Option<Expiry>,
-) -> Result<(), serde_json::Error> {
+) -> Result<(), EncodeError> {
     out.put(b"{\"d\":");
-    write_object(out, data)?;
+    write_entries(out, data, MAX_VALUE_DEPTH)?;
     if let Some(expiry) = expiry {
         out.put(b",\"x\":");
         write_expiry(out, StoredExpiry::from(expiry))?;
@@ -163,7 +203,7 @@ fn write_envelope<S: Sink>(
 }
 
 /// As serde writes the externally tagged enum: `"s"`, `{"i":ms}` or `{"t":ms}`.
-fn write_expiry<S: Sink>(out: &mut S, expiry: StoredExpiry) -> Result<(), serde_json::Error> {
+fn write_expiry<S: Sink>(out: &mut S, expiry: StoredExpiry) -> Result<(), EncodeError> {
     let (tag, ms): (&[u8], u64) = match expiry {
         StoredExpiry::OnSessionEnd => {
             out.put(b"\"s\"");
@@ -178,7 +218,12 @@ fn write_expiry<S: Sink>(out: &mut S, expiry: StoredExpiry) -> Result<(), serde_
     Ok(())
 }
 
-fn write_object<S: Sink>(out: &mut S, map: &Map<String, Value>) -> Result<(), serde_json::Error> {
+/// `{"key":value,..}`, each value nesting at most `depth` levels.
+fn write_entries<S: Sink>(
+    out: &mut S,
+    map: &Map<String, Value>,
+    depth: usize,
+) -> Result<(), EncodeError> {
     out.put(b"{");
     for (i, (key, value)) in map.iter().enumerate() {
         if i > 0 {
@@ -186,13 +231,14 @@ fn write_object<S: Sink>(out: &mut S, map: &Map<String, Value>) -> Result<(), se
         }
         write_str(out, key);
         out.put(b":");
-        write_value(out, value)?;
+        write_value(out, value, depth)?;
     }
     out.put(b"}");
     Ok(())
 }
 
-fn write_value<S: Sink>(out: &mut S, value: &Value) -> Result<(), serde_json::Error> {
+/// `value`, refused if it nests more than `depth` levels.
+fn write_value<S: Sink>(out: &mut S, value: &Value, depth: usize) -> Result<(), EncodeError> {
     match value {
         Value::Null => out.put(b"null"),
         Value::Bool(true) => out.put(b"true"),
@@ -200,16 +246,20 @@ fn write_value<S: Sink>(out: &mut S, value: &Value) -> Result<(), serde_json::Er
         Value::Number(number) => serde_json::to_writer(SinkWriter(out), number)?,
         Value::String(text) => write_str(out, text),
         Value::Array(items) => {
+            let inner = depth.checked_sub(1).ok_or(EncodeError::TooDeep)?;
             out.put(b"[");
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.put(b",");
                 }
-                write_value(out, item)?;
+                write_value(out, item, inner)?;
             }
             out.put(b"]");
         }
-        Value::Object(map) => write_object(out, map)?,
+        Value::Object(map) => {
+            let inner = depth.checked_sub(1).ok_or(EncodeError::TooDeep)?;
+            write_entries(out, map, inner)?;
+        }
     }
     Ok(())
 }
@@ -284,18 +334,26 @@ fn write_str<S: Sink>(out: &mut S, text: &str) {
     out.put(b"\"");
 }
 
-pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, serde_json::Error> {
+/// Reads a stored record: a session, or the [`REPLACED`] marker.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Stored, serde_json::Error> {
     let envelope: EnvelopeOwned = serde_json::from_slice(bytes)?;
-    Ok(Decoded {
-        data: envelope.data,
+    if envelope.replaced {
+        return Ok(Stored::Replaced);
+    }
+    let data = envelope
+        .data
+        .ok_or_else(|| serde_json::Error::missing_field("d"))?;
+    Ok(Stored::Session(Decoded {
+        data,
         expiry: envelope.expiry.map(Expiry::from),
-    })
+    }))
 }
 
 /// A stored envelope, decoded field by field.
 struct EnvelopeOwned {
-    data: Map<String, Value>,
+    data: Option<Map<String, Value>>,
     expiry: Option<StoredExpiry>,
+    replaced: bool,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +363,8 @@ enum Field {
     Data,
     #[serde(rename = "x")]
     Expiry,
+    #[serde(rename = "r")]
+    Replaced,
     #[serde(other)]
     Unknown,
 }
@@ -327,11 +387,16 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut fields: A) -> Result<EnvelopeOwned, A::Error> {
         let mut data = None;
         let mut expiry = None;
+        let mut replaced = false;
         // A repeated field: the last one counts, as in a JSON object read into a map.
         while let Some(field) = fields.next_key()? {
             match field {
                 Field::Data => data = Some(fields.next_value()?),
                 Field::Expiry => expiry = fields.next_value()?,
+                Field::Replaced => {
+                    drop(fields.next_value::<Value>()?);
+                    replaced = true;
+                }
                 // Parsed in full and dropped. serde_json checks less in a value it skips (its
                 // bytes need not be UTF-8, its escapes need not make characters, its nesting
                 // has no limit), and a record that is not JSON is not a session.
@@ -339,8 +404,9 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
             }
         }
         Ok(EnvelopeOwned {
-            data: data.ok_or_else(|| A::Error::missing_field("d"))?,
+            data,
             expiry,
+            replaced,
         })
     }
 }
@@ -464,10 +530,10 @@ mod tests {
             assert_eq!(encoded_len(&data, expiry).unwrap(), bytes.len());
             assert_eq!(
                 decode(&bytes).unwrap(),
-                Decoded {
+                Stored::Session(Decoded {
                     data: data.clone(),
                     expiry
-                }
+                })
             );
         }
     }
@@ -502,6 +568,56 @@ mod tests {
         assert_eq!(expiry_len(None), 0);
     }
 
+    fn session(bytes: &[u8]) -> Decoded {
+        match decode(bytes).unwrap() {
+            Stored::Session(decoded) => decoded,
+            Stored::Replaced => panic!("not a session"),
+        }
+    }
+
+    /// A value nested `depth` arrays deep.
+    fn nested(depth: usize) -> Value {
+        (0..depth).fold(Value::from(1), |inner, _| Value::Array(vec![inner]))
+    }
+
+    #[test]
+    fn what_encodes_decodes_and_what_would_not_decode_is_refused() {
+        for depth in [0, 1, MAX_VALUE_DEPTH - 1, MAX_VALUE_DEPTH] {
+            let mut data = Map::new();
+            data.insert("v".into(), nested(depth));
+            let bytes = encode(&data, None, 0).unwrap();
+            assert_eq!(session(&bytes).data, data, "depth {depth}");
+        }
+        let mut data = Map::new();
+        data.insert("v".into(), nested(MAX_VALUE_DEPTH + 1));
+        assert!(matches!(encode(&data, None, 0), Err(EncodeError::TooDeep)));
+        assert!(matches!(
+            encoded_len(&data, None),
+            Err(EncodeError::TooDeep)
+        ));
+        assert_eq!(entry_len("v", &nested(MAX_VALUE_DEPTH + 1)), usize::MAX);
+        // serde_json would write it, and then refuse to read it: the limit is the decoder's.
+        let written = serde_encoding(&data, None);
+        assert!(decode(&written).is_err());
+        // Objects count as arrays do.
+        let mut object = Value::from(1);
+        for _ in 0..=MAX_VALUE_DEPTH {
+            let mut map = Map::new();
+            map.insert("k".into(), object);
+            object = Value::Object(map);
+        }
+        let mut data = Map::new();
+        data.insert("v".into(), object);
+        assert!(matches!(encode(&data, None, 0), Err(EncodeError::TooDeep)));
+    }
+
+    #[test]
+    fn the_replaced_marker_is_no_session_here_or_to_an_older_decoder() {
+        assert_eq!(decode(REPLACED).unwrap(), Stored::Replaced);
+        let value: Value = serde_json::from_slice(REPLACED).unwrap();
+        assert!(value.get("d").is_none());
+    }
+
     #[test]
     fn bytes_that_are_not_an_envelope_do_not_decode() {
         assert!(decode(b"").is_err());
@@ -509,14 +625,14 @@ mod tests {
         assert!(decode(b"{\"d\": 5}").is_err());
         assert!(decode(b"{\"x\": null}").is_err());
         // A repeated field: the last one counts.
-        let twice = decode(b"{\"d\":{\"n\":1},\"d\":{\"n\":2}}").unwrap();
+        let twice = session(b"{\"d\":{\"n\":1},\"d\":{\"n\":2}}");
         assert_eq!(twice.data.get("n"), Some(&Value::from(2)));
         assert!(decode(b"{\"d\":{\"n\":1},\"d\":5}").is_err());
     }
 
     #[test]
     fn an_unknown_field_is_kept_out_of_the_session_but_must_be_json() {
-        let known = decode(b"{\"d\":{\"n\":2},\"xd\":{\"i\":90000},\"x\":null}").unwrap();
+        let known = session(b"{\"d\":{\"n\":2},\"xd\":{\"i\":90000},\"x\":null}");
         assert_eq!(known.data.get("n"), Some(&Value::from(2)));
         assert_eq!(known.data.len(), 1);
         assert_eq!(known.expiry, None);

@@ -12,8 +12,8 @@ use crate::backend::BackendError;
 /// Why a session operation failed.
 ///
 /// It converts into a response (`?` in a handler works): [`SessionError::LeaseTimeout`] and a full
-/// store become `503 Service Unavailable` with `Retry-After: 1` (both pass), everything else a plain
-/// `500`. The response never
+/// store become `503 Service Unavailable` with `Retry-After: 1` (both pass),
+/// [`SessionError::Replaced`] a `409 Conflict`, everything else a plain `500`. The response never
 /// carries details; the layer has already logged the cause.
 ///
 /// When the session could not be loaded (lease timeout, store failure), the layer replaces the
@@ -39,6 +39,25 @@ pub enum SessionError {
         /// The configured maximum.
         max: usize,
     },
+    /// A value nests deeper than the session can store and read back (arrays and objects, more
+    /// than `max` levels inside one another); the change was not made.
+    #[error("a session value nests more than {max} levels deep, so it could not be read back")]
+    TooDeep {
+        /// The deepest nesting a value may have.
+        max: usize,
+    },
+    /// The stored session could not be decoded (written by another version of the application,
+    /// or damaged). It is kept as it was, for whatever can read it, and the layer counts it
+    /// ([`SessionLayer::undecodable_sessions`](crate::SessionLayer::undecodable_sessions)).
+    #[error("the stored session could not be decoded; it was kept as it was")]
+    Undecodable,
+    /// Another request gave the session a new id ([`Session::cycle_id`](crate::Session::cycle_id),
+    /// at login) or ended it ([`Session::flush`](crate::Session::flush), at logout) while this
+    /// request, which carried the old cookie, was waiting or on its way. This request sees an
+    /// empty session, may not change it, and sends no cookie, so that the other request's cookie
+    /// stays in the browser. Answered with `409 Conflict`.
+    #[error("another request replaced this session (login or logout); the change was not made")]
+    Replaced,
     /// A value could not be converted to or from JSON as the requested type.
     #[error("a session value could not be converted to or from the requested type")]
     Serde(#[source] Arc<serde_json::Error>),
@@ -76,6 +95,7 @@ impl SessionError {
             SessionError::Store(e) if matches!(**e, BackendError::StoreFull) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            SessionError::Replaced => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -101,8 +121,8 @@ pub(crate) fn plain_response(status: StatusCode) -> Response {
 impl IntoResponse for SessionError {
     fn into_response(self) -> Response {
         match &self {
-            // Expected under load; the layer logs it where it has the session's short hash.
-            SessionError::LeaseTimeout => {}
+            // Expected under load, or logged where the session's short hash is known.
+            SessionError::LeaseTimeout | SessionError::Replaced | SessionError::Undecodable => {}
             // serde's message may quote session contents: log only the kind of failure.
             SessionError::Serde(error) => tracing::error!(
                 category = ?error.classify(),

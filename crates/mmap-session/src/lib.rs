@@ -11,7 +11,7 @@
 //! What the layer promises:
 //!
 //! - **Lazy**: a handler that does not touch the session costs no store access, no lease and no
-//!   cookie.
+//!   cookie (except the removal of a session cookie that is malformed, which needs no store access).
 //! - **No lost updates**: one busy lease per session, held from first access to response.
 //! - **Saved only when changed**; an unchanged session's sliding expiry is refreshed at most once per
 //!   [`refresh_interval`](SessionLayer::refresh_interval). Emptied or flushed sessions are deleted and
@@ -24,6 +24,16 @@
 //! - **No fixation**: ids are 128 bits from the OS CSPRNG; a malformed, oversized, forged or unknown
 //!   cookie is "no session", and a new session always gets a fresh id.
 //!   [`Session::cycle_id`] moves a session to a new id at login without ever losing it.
+//! - **Hostile input loses nothing**: the `Cookie` header is read as bytes (other cookies may hold
+//!   any byte); of several session cookies (other paths, other domains) the first few are tried
+//!   until one names a live session; a session cookie that names none is expired; a value nested
+//!   too deep to be read back is refused at insert ([`SessionError::TooDeep`]); a stored session
+//!   that does not decode fails the request and is kept and counted, never silently replaced.
+//!   Name the cookie `__Host-...` to stop sibling subdomains from planting one (see
+//!   [`SessionLayer::cookie_name`]).
+//! - **Login and logout win over the requests racing them**: a request still carrying the old
+//!   cookie while (or just after) [`Session::cycle_id`] or [`Session::flush`] replaced the session
+//!   sets no cookie and changes nothing ([`SessionError::Replaced`], [`REPLACED_GRACE`]).
 //! - **Panics and disconnects** release the lease and save nothing.
 //! - **Secure cookie defaults** (`Secure`, `HttpOnly`, `SameSite=Lax`, `Path=/`), optional HMAC-signed
 //!   cookies with key rotation ([`SigningKeys`]).
@@ -83,7 +93,7 @@ pub use backend::{BackendError, BackendLease, SessionBackend, StoredRecord};
 pub use config::{
     Expiry, KeyError, SameSite, SigningKeys, BROWSER_SESSION_IDLE, DEFAULT_COOKIE_NAME,
     DEFAULT_EXPIRY, DEFAULT_LEASE_WAIT, DEFAULT_MAX_SESSION_SIZE, DEFAULT_REFRESH_INTERVAL,
-    MIN_KEY_LEN,
+    MIN_KEY_LEN, REPLACED_GRACE,
 };
 pub use error::{SessionError, SessionLayerMissing};
 pub use id::{SessionId, ShortHash};

@@ -8,13 +8,14 @@ use http::header::SET_COOKIE;
 use http::HeaderValue;
 
 use crate::backend::LayerLease;
-use crate::config::{Config, Expiry};
+use crate::config::{Config, Expiry, REPLACED_GRACE};
 use crate::cookies::{self, InvalidCookieConfig};
 use crate::envelope;
 use crate::error::{plain_response, SessionError};
 use crate::id::SessionId;
 use crate::session::{
-    backend_failure, deadline_after, fresh_id, Found, Loaded, SessionInner, Shared, State,
+    backend_failure, deadline_after, encode_failure, fresh_id, Found, Loaded, SessionInner, Shared,
+    State,
 };
 
 /// Settles the session once the handler's response is ready, and returns the response to send:
@@ -57,7 +58,7 @@ pub(crate) async fn finish(inner: Arc<SessionInner>, mut response: Response) -> 
     }
 }
 
-fn invalid_config(error: InvalidCookieConfig) -> SessionError {
+pub(crate) fn invalid_config(error: InvalidCookieConfig) -> SessionError {
     tracing::error!(%error, "the session cannot be saved");
     SessionError::Store(Arc::new(crate::backend::BackendError::Other(Box::new(
         error,
@@ -96,8 +97,9 @@ fn encode_checked(
 ) -> Result<Vec<u8>, SessionError> {
     let len_hint = len_hint.min(config.max_size);
     let bytes = envelope::encode(data, expiry, len_hint).map_err(|error| {
-        tracing::error!(session = %loaded_id.short_hash(), category = ?error.classify(), "the session does not encode");
-        SessionError::from_serde(error)
+        let error = encode_failure(error);
+        tracing::error!(session = %loaded_id.short_hash(), %error, "the session does not encode; nothing was written");
+        error
     })?;
     if bytes.len() > config.max_size {
         tracing::warn!(
@@ -125,9 +127,7 @@ async fn save(
 ) -> Result<Option<HeaderValue>, SessionError> {
     let config = &shared.config;
     // Fail on a cookie configuration that cannot be sent before writing anything.
-    let Some(tail) = shared.cookie_tail() else {
-        return Err(invalid_config(InvalidCookieConfig));
-    };
+    let tail = shared.cookie_tail().map_err(invalid_config)?;
     let now = SystemTime::now();
     let found = loaded.found.take();
     let mut id = loaded.id;
@@ -162,7 +162,9 @@ async fn save(
         }
         Some(mut found) => {
             // Cycled or flushed: the data moves to (or the handle continues as) `id`, and the old
-            // record goes. The new record is written first, so a failure never loses the session.
+            // record is replaced by the marker that tells requests still carrying the old cookie
+            // to leave the browser's cookie alone. The new record is written first, so a failure
+            // never loses the session.
             // Boxed: a rare path, kept out of the future every request moves around.
             let result = Box::pin(async {
                 let mut created = None;
@@ -170,7 +172,8 @@ async fn save(
                     let bytes = encode_checked(id, data, own_expiry, size, config)?;
                     created = Some(create(shared, &mut id, &bytes, expires_at).await?);
                 }
-                if let Err(error) = found.lease.remove().await {
+                let marker_expiry = now.checked_add(REPLACED_GRACE).unwrap_or(now);
+                if let Err(error) = found.lease.commit(envelope::REPLACED, marker_expiry).await {
                     if let Some(mut new) = created.take() {
                         if let Err(undo) = new.remove().await {
                             tracing::error!(
@@ -183,7 +186,7 @@ async fn save(
                     }
                     return Err(backend_failure(
                         found.id.log_name(),
-                        "removing the replaced session failed; it is kept",
+                        "replacing the old session failed; it is kept",
                         error,
                     ));
                 }
@@ -209,9 +212,21 @@ async fn save(
             found.lease.release().await;
             result
         }
+        None if loaded.replaced => {
+            // Another request replaced the cookie's session moments ago and sent the browser
+            // its own cookie: nothing changed here (changes were refused), nothing is sent.
+            Ok(None)
+        }
         None => {
             if ended {
-                // Nothing to keep and nothing stored: no record, no cookie.
+                // Nothing to keep and nothing stored: no record. A cookie that named no session
+                // is expired, so that the browser stops sending it.
+                if loaded.stale_cookie {
+                    tracing::debug!("the session cookie names no session: expiring it");
+                    return cookies::removal_cookie(config)
+                        .map(Some)
+                        .map_err(invalid_config);
+                }
                 return Ok(None);
             }
             let bytes = encode_checked(id, data, own_expiry, size, config)?;
@@ -238,9 +253,7 @@ async fn save_in_place(
     now: SystemTime,
 ) -> Result<Option<HeaderValue>, SessionError> {
     let config = &shared.config;
-    let Some(tail) = shared.cookie_tail() else {
-        return Err(invalid_config(InvalidCookieConfig));
-    };
+    let tail = shared.cookie_tail().map_err(invalid_config)?;
     let hash = found.id.log_name();
     if ended {
         found

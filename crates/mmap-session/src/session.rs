@@ -1,6 +1,7 @@
 //! The [`Session`] handle: lazy loading under the store's busy lease, and the operations handlers use.
 
 use std::fmt;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,8 +11,8 @@ use serde_json::{Map, Value};
 
 use crate::backend::{BackendError, LayerBackend, LayerLease};
 use crate::config::{Config, Expiry};
-use crate::cookies;
-use crate::envelope;
+use crate::cookies::{self, Candidates, InvalidCookieConfig};
+use crate::envelope::{self, EncodeError, Stored};
 use crate::error::SessionError;
 use crate::id::{LogName, SessionId};
 use crate::read_only::ReadOnlySession;
@@ -21,17 +22,23 @@ use crate::read_only::ReadOnlySession;
 pub(crate) struct Shared {
     pub(crate) backend: LayerBackend,
     pub(crate) config: Config,
-    /// What follows `name=value` in every session cookie, formatted once; `None` if the cookie
-    /// configuration cannot be written as a header.
-    pub(crate) cookie_tail: std::sync::OnceLock<Option<String>>,
+    /// What follows `name=value` in every session cookie, formatted once; an error if the cookie
+    /// configuration cannot be sent.
+    pub(crate) cookie_tail: std::sync::OnceLock<Result<String, InvalidCookieConfig>>,
+    /// Stored sessions found undecodable, by every clone of the layer.
+    pub(crate) undecodable: Arc<AtomicU64>,
 }
 
 impl Shared {
     /// The attributes of the session cookie (see [`cookies::attribute_tail`]).
-    pub(crate) fn cookie_tail(&self) -> Option<&str> {
-        self.cookie_tail
+    pub(crate) fn cookie_tail(&self) -> Result<&str, InvalidCookieConfig> {
+        match self
+            .cookie_tail
             .get_or_init(|| cookies::attribute_tail(&self.config))
-            .as_deref()
+        {
+            Ok(tail) => Ok(tail),
+            Err(error) => Err(*error),
+        }
     }
 }
 
@@ -84,8 +91,11 @@ impl fmt::Debug for Session {
 
 pub(crate) struct SessionInner {
     pub(crate) shared: Arc<Shared>,
-    /// The verified id from the request's cookie; not yet known to exist in the store.
-    pub(crate) cookie_id: Option<SessionId>,
+    /// The verified ids from the request's cookies; not yet known to exist in the store.
+    pub(crate) cookie: Candidates,
+    /// The request is over (answered or abandoned): whoever holds the state when this is set
+    /// settles what is left (see [`SessionInner::abandon`]).
+    abandoned: AtomicBool,
     // tokio's mutex: the first access holds it across the wait for the store's lease, so that a second
     // access from the same handler waits for that one load instead of leasing again.
     pub(crate) state: tokio::sync::Mutex<State>,
@@ -126,6 +136,12 @@ pub(crate) struct Loaded {
     pub(crate) modified: bool,
     /// [`Session::set_expiry`] changed the expiry: recompute it and resend the cookie.
     pub(crate) expiry_changed: bool,
+    /// The request carried a session cookie that names no session (malformed, unknown, ended):
+    /// expire it if nothing else is sent.
+    pub(crate) stale_cookie: bool,
+    /// The cookie's session was replaced by another request moments ago (see
+    /// [`SessionError::Replaced`]): nothing may change, nothing is saved, no cookie is sent.
+    pub(crate) replaced: bool,
     /// The encoded length of `data` and `expiry`, kept up to date change by change so that an insert
     /// costs the size of its value, not of the whole session. Exact for records this layer wrote;
     /// only an estimate for others, which is why a change is refused only after an exact count
@@ -142,14 +158,33 @@ impl Loaded {
             expiry: None,
             modified: false,
             expiry_changed: false,
+            stale_cookie: false,
+            replaced: false,
             size: envelope::EMPTY_LEN,
         }
     }
 
-    /// Counts the encoded session exactly and refuses it if it is too large.
+    /// Refuses any change to a session another request replaced.
+    fn check_changeable(&self) -> Result<(), SessionError> {
+        if self.replaced {
+            return Err(SessionError::Replaced);
+        }
+        Ok(())
+    }
+
+    /// Counts the encoded session exactly and refuses it if it is too large or would not read
+    /// back.
     fn check_size(&mut self, config: &Config) -> Result<(), SessionError> {
-        let len =
-            envelope::encoded_len(&self.data, self.expiry).map_err(SessionError::from_serde)?;
+        let len = envelope::encoded_len(&self.data, self.expiry).map_err(|error| {
+            let error = encode_failure(error);
+            if matches!(error, SessionError::TooDeep { .. }) {
+                tracing::warn!(
+                    session = %self.id.short_hash(),
+                    "refused a value nested too deep to be read back"
+                );
+            }
+            error
+        })?;
         if len > config.max_size {
             tracing::warn!(
                 session = %self.id.short_hash(),
@@ -165,6 +200,26 @@ impl Loaded {
         self.size = len;
         Ok(())
     }
+}
+
+/// The error a handler sees for a session that does not encode.
+pub(crate) fn encode_failure(error: EncodeError) -> SessionError {
+    match error {
+        EncodeError::TooDeep => SessionError::TooDeep {
+            max: envelope::MAX_VALUE_DEPTH,
+        },
+        EncodeError::Json(error) => SessionError::from_serde(error),
+    }
+}
+
+/// What a cookie's id leads to.
+enum Existing {
+    /// A live session, leased.
+    Found(Box<Loaded>),
+    /// Nothing live.
+    Absent,
+    /// The marker of a session another request replaced moments ago.
+    Replaced,
 }
 
 /// A deadline `wait` from now (far in the future if that overflows).
@@ -194,18 +249,25 @@ pub(crate) fn backend_failure(session: LogName, what: &str, error: BackendError)
 }
 
 impl SessionInner {
-    /// Loads the client's session under its lease, or starts a new one with a fresh id.
+    /// Loads the client's session under its lease, or starts a new one with a fresh id. The
+    /// cookie's candidates are tried in order until one names a live session.
     async fn load(&self) -> Result<Loaded, SessionError> {
-        if let Some(client_id) = self.cookie_id {
-            if let Some(loaded) = self.load_existing(client_id).await? {
-                return Ok(loaded);
+        let mut replaced = false;
+        for client_id in self.cookie.ids() {
+            match self.load_existing(client_id).await? {
+                Existing::Found(loaded) => return Ok(*loaded),
+                Existing::Replaced => replaced = true,
+                Existing::Absent => {}
             }
         }
         // The client's id, if any, is never adopted: a new session always gets a fresh one.
-        Ok(Loaded::new_session(fresh_id()?))
+        let mut loaded = Loaded::new_session(fresh_id()?);
+        loaded.replaced = replaced;
+        loaded.stale_cookie = !self.cookie.is_empty() || self.cookie.malformed;
+        Ok(loaded)
     }
 
-    async fn load_existing(&self, id: SessionId) -> Result<Option<Loaded>, SessionError> {
+    async fn load_existing(&self, id: SessionId) -> Result<Existing, SessionError> {
         let backend = &self.shared.backend;
         let hash = id.log_name();
         // A cookie that names no live session takes no lease at all.
@@ -215,8 +277,8 @@ impl SessionInner {
             .await
             .map_err(|error| backend_failure(hash, "taking the session's lease failed", error))?;
         let Some(mut lease) = lease else {
-            tracing::debug!(session = %hash, "the cookie names no live session; starting a new one");
-            return Ok(None);
+            tracing::debug!(session = %hash, "the cookie names no live session");
+            return Ok(Existing::Absent);
         };
         let record = match lease.load().await {
             Ok(record) => record,
@@ -228,14 +290,14 @@ impl SessionInner {
         let now = SystemTime::now();
         let Some(record) = record.filter(|record| record.expires_at > now) else {
             lease.release().await;
-            tracing::debug!(session = %hash, "the session ended while waiting for its lease; starting a new one");
-            return Ok(None);
+            tracing::debug!(session = %hash, "the session ended while waiting for its lease");
+            return Ok(Existing::Absent);
         };
         match envelope::decode(&record.value) {
-            Ok(decoded) => {
+            Ok(Stored::Session(decoded)) => {
                 let size = record.value.len();
                 tracing::trace!(session = %hash, len = size, "session loaded");
-                Ok(Some(Loaded {
+                Ok(Existing::Found(Box::new(Loaded {
                     found: Some(Found {
                         id,
                         lease,
@@ -247,19 +309,32 @@ impl SessionInner {
                     expiry: decoded.expiry,
                     modified: false,
                     expiry_changed: false,
+                    stale_cookie: false,
+                    replaced: false,
                     size,
-                }))
+                })))
+            }
+            Ok(Stored::Replaced) => {
+                lease.release().await;
+                tracing::debug!(session = %hash, "another request replaced the session moments ago");
+                Ok(Existing::Replaced)
             }
             Err(error) => {
                 lease.release().await;
-                tracing::warn!(
-                    session = %hash,
-                    category = ?error.classify(),
-                    "a stored session does not decode; starting a new one"
-                );
-                Ok(None)
+                Err(self.undecodable(hash, &error))
             }
         }
+    }
+
+    /// Logs and counts a stored session that does not decode.
+    fn undecodable(&self, session: LogName, error: &serde_json::Error) -> SessionError {
+        self.shared.undecodable.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            session = %session,
+            category = ?error.classify(),
+            "a stored session does not decode; it is kept as it was and the request fails"
+        );
+        SessionError::Undecodable
     }
 
     /// Locks the session's state; most accesses find it free, and `try_lock` is cheaper than
@@ -286,9 +361,50 @@ impl SessionInner {
         }
     }
 
-    /// Ends the session without saving: the response future was dropped (client gone, panic).
-    /// Dropping the lease releases it without a change.
+    /// Adds a removal cookie to the response of an untouched session if the request's session
+    /// cookie is certainly not a session (malformed, and no well-formed one beside it): no store
+    /// access is needed to know that the browser should stop sending it.
+    pub(crate) fn expire_malformed_cookie(&self, response: &mut axum::response::Response) {
+        if !self.cookie.only_malformed() {
+            return;
+        }
+        match cookies::removal_cookie(&self.shared.config) {
+            Ok(removal) => {
+                response
+                    .headers_mut()
+                    .append(http::header::SET_COOKIE, removal);
+            }
+            Err(error) => {
+                tracing::error!(%error, "the malformed session cookie cannot be expired");
+            }
+        }
+    }
+
+    /// Ends the session without saving: the response future was dropped (client gone, panic), or
+    /// the response was sent. Dropping the lease releases it without a change.
+    ///
+    /// If another holder of the state (a task of the handler's, loading the session) has it
+    /// now, that holder settles it when it lets go: it sees `abandoned`, set before the state
+    /// is tried here.
     pub(crate) fn abandon(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+        // Paired with the fence in `settle_if_abandoned`: either the state is free here, or its
+        // holder, having let go, sees the flag.
+        fence(Ordering::SeqCst);
+        self.settle();
+    }
+
+    /// Called after letting go of the state: if the request ended meanwhile, ends whatever
+    /// state is left (unless someone else holds it now, who will call this in turn).
+    fn settle_if_abandoned(&self) {
+        fence(Ordering::SeqCst);
+        if self.abandoned.load(Ordering::SeqCst) {
+            self.settle();
+        }
+    }
+
+    /// Ends whatever state is left, if the state is free.
+    fn settle(&self) {
         if let Ok(mut state) = self.state.try_lock() {
             let previous = std::mem::replace(&mut *state, State::Finished);
             drop(state);
@@ -314,11 +430,12 @@ impl Drop for RequestGuard {
 }
 
 impl Session {
-    pub(crate) fn new(shared: Arc<Shared>, cookie_id: Option<SessionId>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, cookie: Candidates) -> Self {
         Self {
             inner: Arc::new(SessionInner {
                 shared,
-                cookie_id,
+                cookie,
+                abandoned: AtomicBool::new(false),
                 state: tokio::sync::Mutex::new(State::Unloaded),
                 id: std::sync::Mutex::new(None),
             }),
@@ -341,7 +458,21 @@ impl Session {
                 Err(error) => State::Failed(error),
             };
         }
-        match &mut *state {
+        // The request may have ended while this access waited or loaded (a task of the
+        // handler's that outlives it): then nothing more happens, and the lease goes now.
+        if self.inner.abandoned.load(Ordering::SeqCst) {
+            let previous = std::mem::replace(&mut *state, State::Finished);
+            drop(state);
+            if let State::Loaded(loaded) = &previous {
+                tracing::debug!(
+                    session = %loaded.id.short_hash(),
+                    "the request ended while its session was loading: released unsaved"
+                );
+            }
+            drop(previous);
+            return Err(SessionError::Finished);
+        }
+        let result = match &mut *state {
             State::Loaded(loaded) => {
                 let result = f(loaded, &self.inner.shared.config);
                 self.inner.set_id(Some(loaded.id));
@@ -349,7 +480,11 @@ impl Session {
             }
             State::Failed(error) => Err(error.clone()),
             State::Finished | State::Unloaded => Err(SessionError::Finished),
-        }
+        };
+        drop(state);
+        // Abandoned while the state was held here: `abandon` could not settle it, so settle it now.
+        self.inner.settle_if_abandoned();
+        result
     }
 
     /// The id this session will be saved under, once the session has been accessed; `None` before.
@@ -393,8 +528,10 @@ impl Session {
     /// # Errors
     ///
     /// [`SessionError::TooLarge`] if the session would exceed
-    /// [`max_session_size`](crate::SessionLayer::max_session_size) (the session is left as it was);
-    /// [`SessionError::Serde`] if `value` does not serialize; load errors.
+    /// [`max_session_size`](crate::SessionLayer::max_session_size), [`SessionError::TooDeep`] if
+    /// `value` nests too deep to be read back (the session is left as it was in both cases);
+    /// [`SessionError::Replaced`] if another request replaced the session; [`SessionError::Serde`]
+    /// if `value` does not serialize; load errors.
     pub async fn insert<T: Serialize>(
         &self,
         key: impl AsRef<str> + Into<String>,
@@ -415,6 +552,7 @@ impl Session {
         value: Value,
     ) -> Result<Option<Value>, SessionError> {
         self.with_loaded(move |loaded, config| {
+            loaded.check_changeable()?;
             let name = key.as_ref();
             let estimate = match loaded.data.get(name) {
                 Some(previous) if *previous == value => return Ok(Some(value)),
@@ -537,9 +675,12 @@ impl Session {
     /// expired.
     ///
     /// The handle goes on as a new, empty session with a fresh id: anything inserted after `flush`
-    /// (a "signed out" message, say) is saved under that new id, never under the old one. A request
-    /// that still holds the old cookie later finds no record and starts afresh, so a flushed session
-    /// never comes back.
+    /// (a "signed out" message, say) is saved under that new id, never under the old one. The old
+    /// record is replaced by a marker for [`REPLACED_GRACE`](crate::REPLACED_GRACE): a request still
+    /// carrying the old cookie in that time (sent in parallel with the logout) sees an empty
+    /// session, may not change it ([`SessionError::Replaced`]) and sends no cookie, so the logout's
+    /// cookie stays in the browser. Later the old cookie names no session. A flushed session never
+    /// comes back.
     ///
     /// # Errors
     ///
@@ -560,9 +701,16 @@ impl Session {
 
     /// Gives the session a new id and keeps its data (call it at login, against session fixation).
     ///
-    /// When the response is ready, the layer leases the new id, commits the data there, then removes
-    /// the old record, and sends the new cookie. If any step fails, the old record is kept intact, the
-    /// new one is removed again, and the client gets an error response: the session is never lost.
+    /// When the response is ready, the layer leases the new id, commits the data there, then
+    /// replaces the old record by a marker, and sends the new cookie. If any step fails, the old
+    /// record is kept intact, the new one is removed again, and the client gets an error response:
+    /// the session is never lost.
+    ///
+    /// A request of the same user that carries the old cookie while or just after this happens
+    /// (within [`REPLACED_GRACE`](crate::REPLACED_GRACE)) does not overwrite the new cookie: it
+    /// sees an empty session, may not change it ([`SessionError::Replaced`], answered
+    /// `409 Conflict`), and sends no `Set-Cookie`. It never reaches the new session: the old id
+    /// leads nowhere, so a fixated id stays useless.
     ///
     /// # Errors
     ///
@@ -570,6 +718,7 @@ impl Session {
     pub async fn cycle_id(&self) -> Result<(), SessionError> {
         let new_id = fresh_id()?;
         self.with_loaded(move |loaded, _| {
+            loaded.check_changeable()?;
             loaded.id = new_id;
             loaded.modified = true;
             Ok(())
@@ -609,6 +758,7 @@ impl Session {
     pub async fn set_expiry(&self, expiry: Option<Expiry>) -> Result<(), SessionError> {
         self.with_loaded(move |loaded, _| {
             if loaded.expiry != expiry {
+                loaded.check_changeable()?;
                 loaded.size = loaded
                     .size
                     .saturating_sub(envelope::expiry_len(loaded.expiry))
@@ -656,6 +806,7 @@ impl Session {
             if loaded.data == map {
                 return Ok(());
             }
+            loaded.check_changeable()?;
             let previous = std::mem::replace(&mut loaded.data, map);
             if let Err(error) = loaded.check_size(config) {
                 loaded.data = previous;
@@ -691,31 +842,27 @@ impl Session {
                 State::Unloaded | State::Failed(_) => {}
             }
         }
-        let Some(id) = self.inner.cookie_id else {
-            return Ok(ReadOnlySession::empty());
-        };
-        let hash = id.log_name();
-        let record = self
-            .inner
-            .shared
-            .backend
-            .get_unleased(id.as_bytes())
-            .await
-            .map_err(|error| backend_failure(hash, "reading the session failed", error))?;
-        let now = SystemTime::now();
-        let Some(record) = record.filter(|record| record.expires_at > now) else {
-            return Ok(ReadOnlySession::empty());
-        };
-        match envelope::decode(&record.value) {
-            Ok(decoded) => Ok(ReadOnlySession::new(Some(id), Arc::new(decoded.data))),
-            Err(error) => {
-                tracing::warn!(
-                    session = %hash,
-                    category = ?error.classify(),
-                    "a stored session does not decode; reading it as empty"
-                );
-                Ok(ReadOnlySession::empty())
+        for id in self.inner.cookie.ids() {
+            let hash = id.log_name();
+            let record = self
+                .inner
+                .shared
+                .backend
+                .get_unleased(id.as_bytes())
+                .await
+                .map_err(|error| backend_failure(hash, "reading the session failed", error))?;
+            let now = SystemTime::now();
+            let Some(record) = record.filter(|record| record.expires_at > now) else {
+                continue;
+            };
+            match envelope::decode(&record.value) {
+                Ok(Stored::Session(decoded)) => {
+                    return Ok(ReadOnlySession::new(Some(id), Arc::new(decoded.data)));
+                }
+                Ok(Stored::Replaced) => {}
+                Err(error) => return Err(self.inner.undecodable(hash, &error)),
             }
         }
+        Ok(ReadOnlySession::empty())
     }
 }

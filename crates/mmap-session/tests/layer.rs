@@ -13,8 +13,8 @@ use axum::http::{header, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
 use common::{
-    cookie_pair, get as get_req, id_of, send, set_cookies, text, the_set_cookie, Counting, Faulty,
-    Kind, TestStore,
+    cookie_pair, get as get_req, id_of, send, send_json, send_raw_cookie, set_cookies, text,
+    the_set_cookie, Counting, Faulty, Kind, TestStore,
 };
 use mmap_session::store::{Options, Store};
 use mmap_session::{
@@ -214,6 +214,25 @@ async fn assert_fresh_session_for(
     assert!(store.get(new_id.as_bytes()).await.is_some());
 }
 
+/// Checks that the session of `pair` was replaced (by `cycle_id` or `flush`) moments ago: the old
+/// id holds only the marker, which expires within `REPLACED_GRACE`, and a request that still
+/// carries the old cookie sees an empty session, may not change it, and sends no cookie.
+async fn assert_replaced(app: &Router, store: &TestStore, pair: &str) {
+    let record = store.get(id_of(pair).as_bytes()).await.unwrap();
+    let marker: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
+    assert!(
+        marker.get("d").is_none(),
+        "no session data is left: {marker}"
+    );
+    assert!(record.expires_at <= SystemTime::now() + mmap_session::REPLACED_GRACE);
+    let read = get_req(app, "/n", Some(pair)).await;
+    assert!(set_cookies(&read).is_empty(), "{:?}", set_cookies(&read));
+    assert_eq!(text_status(read).await, (StatusCode::OK, "0".into()));
+    let write = send(app, "POST", "/n", Some(pair)).await;
+    assert!(set_cookies(&write).is_empty(), "{:?}", set_cookies(&write));
+    assert_eq!(write.status(), StatusCode::CONFLICT);
+}
+
 async fn a_malformed_cookie_gives_a_fresh_session(kind: Kind) {
     let store = kind.store().await;
     let app = app(SessionLayer::new(store.clone()));
@@ -372,7 +391,6 @@ async fn flush_deletes_the_session_and_expires_the_cookie(kind: Kind) {
     let store = kind.store().await;
     let app = app(SessionLayer::new(store.clone()));
     let pair = new_session(&app).await;
-    let id = id_of(&pair);
 
     let response = send(&app, "POST", "/logout", Some(&pair)).await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -380,9 +398,7 @@ async fn flush_deletes_the_session_and_expires_the_cookie(kind: Kind) {
     assert_eq!(removal.name(), "session");
     assert_eq!(removal.value(), "");
     assert_eq!(removal.max_age(), Some(cookie::time::Duration::ZERO));
-    assert!(store.get(id.as_bytes()).await.is_none());
-
-    assert_fresh_session_for(&app, &store, &pair, Some(id)).await;
+    assert_replaced(&app, &store, &pair).await;
 }
 
 async fn an_emptied_session_is_removed_and_its_cookie_expired(kind: Kind) {
@@ -414,7 +430,8 @@ async fn data_inserted_after_flush_goes_to_a_new_id(kind: Kind) {
     let response = send(&app, "POST", "/logout", Some(&pair)).await;
     let new_pair = cookie_pair(&response);
     assert_ne!(id_of(&new_pair), id_of(&pair));
-    assert!(store.get(id_of(&pair).as_bytes()).await.is_none());
+    let old = store.get(id_of(&pair).as_bytes()).await.unwrap();
+    assert!(!String::from_utf8(old.value).unwrap().contains("\"n\""));
     let record = store.get(id_of(&new_pair).as_bytes()).await.unwrap();
     let text = String::from_utf8(record.value).unwrap();
     assert!(
@@ -432,16 +449,12 @@ async fn cycle_id_moves_the_data_to_a_new_id_and_removes_the_old_record(kind: Ki
     assert_eq!(response.status(), StatusCode::OK);
     let new_pair = cookie_pair(&response);
     assert_ne!(id_of(&new_pair), id_of(&pair));
-    assert!(
-        store.get(id_of(&pair).as_bytes()).await.is_none(),
-        "the old id is dead"
-    );
     assert_eq!(
         text(get_req(&app, "/n", Some(&new_pair)).await).await,
         "1",
         "data kept"
     );
-    assert_fresh_session_for(&app, &store, &pair, Some(id_of(&pair))).await;
+    assert_replaced(&app, &store, &pair).await;
 }
 
 async fn a_failed_cycle_id_keeps_the_old_session(kind: Kind) {
@@ -471,7 +484,7 @@ async fn a_cycle_id_whose_old_record_cannot_be_removed_is_undone(kind: Kind) {
     let backend = Faulty::new(store.clone());
     let app = app(SessionLayer::new(backend.clone()));
     let pair = new_session(&app).await;
-    *backend.fail_remove_of.lock().unwrap() = Some(id_of(&pair).as_bytes().to_vec());
+    *backend.fail_writes_to.lock().unwrap() = Some(id_of(&pair).as_bytes().to_vec());
 
     let response = send(&app, "POST", "/login", Some(&pair)).await;
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
@@ -941,20 +954,13 @@ async fn a_session_deleted_by_logout_is_not_brought_back_by_a_concurrent_save(ki
     });
     gate.release.notify_one();
     assert_eq!(logout.await.unwrap().status(), StatusCode::OK);
+    // Whether it waited or came just after: it is refused, and sends no cookie that would
+    // replace the logout's removal.
     let saved = save.await.unwrap();
-    assert_eq!(saved.status(), StatusCode::OK);
-    let saved_pair = cookie_pair(&saved);
-    assert_ne!(
-        id_of(&saved_pair),
-        id_of(&pair),
-        "the save went to a fresh session"
-    );
-    assert_eq!(
-        text(saved).await,
-        "1",
-        "the logged-out data did not come back"
-    );
-    assert!(store.get(id_of(&pair).as_bytes()).await.is_none());
+    assert!(set_cookies(&saved).is_empty(), "{:?}", set_cookies(&saved));
+    assert_eq!(saved.status(), StatusCode::CONFLICT);
+    // The logged-out data did not come back.
+    assert_replaced(&app, &store, &pair).await;
 }
 
 #[tokio::test]
@@ -992,6 +998,364 @@ async fn set_expiry_is_stored_with_the_session_and_resends_the_cookie(kind: Kind
     let expires_at = store.get(id_of(&pair).as_bytes()).await.unwrap().expires_at;
     assert!(expires_at > SystemTime::now() + week - Duration::from_secs(60));
     assert_eq!(text(get_req(&app, "/n", Some(&pair)).await).await, "1");
+}
+
+// --- Hostile cookies and values (issue 13) ---
+
+/// A `name=value` pair for a well-formed id that the server never issued.
+fn unknown_pair(i: u8) -> String {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([i; 16]);
+    format!("session={text}")
+}
+
+async fn a_non_ascii_byte_in_another_cookie_does_not_hide_the_session(kind: Kind) {
+    let store = kind.store().await;
+    let app = app(SessionLayer::new(store.clone()));
+    let pair = new_session(&app).await;
+    let headers: [Vec<u8>; 3] = [
+        // UTF-8 in a cookie of the site's (browsers send it as it was set).
+        format!("pref=café; {pair}").into_bytes(),
+        // A byte that is not UTF-8 at all (obs-text), before and after the session cookie.
+        [b"pref=caf\xe9; ".as_slice(), pair.as_bytes()].concat(),
+        [pair.as_bytes(), b"; theme=\xff\xfe".as_slice()].concat(),
+    ];
+    for (i, header) in headers.iter().enumerate() {
+        let response = send_raw_cookie(&app, "POST", "/n", header).await;
+        assert!(
+            set_cookies(&response).is_empty(),
+            "the session was found: no new cookie replaces it ({:?})",
+            String::from_utf8_lossy(header)
+        );
+        assert_eq!(
+            text_status(response).await,
+            (StatusCode::OK, (i + 2).to_string())
+        );
+    }
+}
+
+async fn a_stale_session_cookie_listed_first_does_not_hide_the_live_one(kind: Kind) {
+    let store = kind.store().await;
+    let backend = Counting::new(store.clone());
+    let app = app(SessionLayer::new(backend.clone()));
+    let live = new_session(&app).await;
+    // Once a session, now gone.
+    let gone = new_session(&app).await;
+    send(&app, "POST", "/clear", Some(&gone)).await;
+    assert!(store.get(id_of(&gone).as_bytes()).await.is_none());
+
+    // Cookies of the same name from another path or domain come first (RFC 6265 lists longer
+    // paths first; a sibling subdomain can plant one).
+    let header = format!("{}; session=junk; {gone}; {live}", unknown_pair(1));
+    let response = send(&app, "POST", "/n", Some(&header)).await;
+    assert!(
+        set_cookies(&response).is_empty(),
+        "the live session was found"
+    );
+    assert_eq!(text_status(response).await, (StatusCode::OK, "2".into()));
+
+    // The candidates tried are bounded: behind many stale ones, the live one is not looked for.
+    let reads = backend.unleased_reads() + backend.leases();
+    let stale: Vec<String> = (10..40).map(unknown_pair).collect();
+    let header = format!("{}; {live}", stale.join("; "));
+    let response = send(&app, "GET", "/n", Some(&header)).await;
+    assert_eq!(text_status(response).await, (StatusCode::OK, "0".into()));
+    let asked = backend.unleased_reads() + backend.leases() - reads;
+    assert!(asked <= 8, "{asked} store accesses for one request");
+}
+
+async fn a_host_prefixed_cookie_name_is_supported_and_its_rules_enforced(kind: Kind) {
+    let store = kind.store().await;
+    let host = app(SessionLayer::new(store.clone()).cookie_name("__Host-session"));
+    let response = send(&host, "POST", "/n", None).await;
+    let cookie = the_set_cookie(&response);
+    assert_eq!(cookie.name(), "__Host-session");
+    assert_eq!(cookie.secure(), Some(true));
+    assert_eq!(cookie.path(), Some("/"));
+    assert_eq!(cookie.domain(), None);
+    // Browsers refuse a `__Host-` cookie with a Domain, without Secure or with another Path,
+    // and a `__Secure-` one without Secure: such a layer would sign everybody out silently.
+    for layer in [
+        SessionLayer::new(store.clone())
+            .cookie_name("__Host-session")
+            .domain("example.com"),
+        SessionLayer::new(store.clone())
+            .cookie_name("__Host-session")
+            .secure(false),
+        SessionLayer::new(store.clone())
+            .cookie_name("__Host-session")
+            .path("/app"),
+        SessionLayer::new(store.clone())
+            .cookie_name("__Secure-session")
+            .secure(false),
+    ] {
+        let response = send(&app(layer), "POST", "/n", None).await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(set_cookies(&response).is_empty());
+    }
+    let pair = cookie_pair(&response);
+    // The prefixed name is the one looked for, stale values first included.
+    let header = format!(
+        "{}; {pair}",
+        unknown_pair(1).replacen("session", "__Host-session", 1)
+    );
+    assert_eq!(
+        text(send(&host, "POST", "/n", Some(&header)).await).await,
+        "2"
+    );
+}
+
+/// A JSON value nested `depth` arrays deep.
+fn nested(depth: usize) -> String {
+    format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+async fn a_value_nested_too_deep_to_read_back_is_refused_and_the_session_kept(kind: Kind) {
+    let store = kind.store().await;
+    let app = routes()
+        .route(
+            "/remember",
+            post(
+                |session: Session, axum::Json(value): axum::Json<serde_json::Value>| async move {
+                    session.insert_value("posted", value).await?;
+                    Ok::<_, SessionError>("stored")
+                },
+            ),
+        )
+        .layer(SessionLayer::new(store.clone()));
+    let pair = new_session(&app).await;
+    let before = store.get(id_of(&pair).as_bytes()).await.unwrap();
+
+    // axum's `Json` accepts this depth; the stored session could not be decoded again.
+    let response = send_json(&app, "/remember", Some(&pair), nested(126)).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(set_cookies(&response).is_empty());
+    assert_eq!(store.get(id_of(&pair).as_bytes()).await.unwrap(), before);
+    let response = send(&app, "POST", "/n", Some(&pair)).await;
+    assert!(set_cookies(&response).is_empty(), "the session was kept");
+    assert_eq!(text_status(response).await, (StatusCode::OK, "2".into()));
+
+    // The deepest value that reads back is accepted, and reads back.
+    let response = send_json(&app, "/remember", Some(&pair), nested(125)).await;
+    assert_eq!(
+        text_status(response).await,
+        (StatusCode::OK, "stored".into())
+    );
+    let response = send(&app, "POST", "/n", Some(&pair)).await;
+    assert!(set_cookies(&response).is_empty(), "the session was kept");
+    assert_eq!(text_status(response).await, (StatusCode::OK, "3".into()));
+}
+
+async fn an_undecodable_stored_session_is_an_error_and_is_kept(kind: Kind) {
+    let store = kind.store().await;
+    let layer = SessionLayer::new(store.clone());
+    let app = app(layer.clone());
+    let pair = new_session(&app).await;
+    let id = id_of(&pair);
+    // What another version of the application might have written.
+    let mut lease = store.hold(id.as_bytes()).await;
+    let expires_at = SystemTime::now() + Duration::from_secs(3600);
+    lease
+        .commit(br#"{"v":2,"data":{"n":1}}"#, expires_at)
+        .await
+        .unwrap();
+    lease.release().await;
+    let before = store.get(id.as_bytes()).await.unwrap();
+
+    for (method, path) in [("GET", "/n"), ("POST", "/n"), ("GET", "/peek")] {
+        let response = send(&app, method, path, Some(&pair)).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{method} {path}"
+        );
+        assert!(set_cookies(&response).is_empty(), "{method} {path}");
+    }
+    assert_eq!(
+        store.get(id.as_bytes()).await.unwrap(),
+        before,
+        "kept as it was"
+    );
+    assert_eq!(layer.undecodable_sessions(), 3, "each one counted");
+}
+
+async fn a_request_abandoned_while_a_spawned_task_loads_the_session_releases_it(kind: Kind) {
+    let store = kind.store().await;
+    let backend = Counting::new(store.clone());
+    let (results, mut result) = tokio::sync::mpsc::unbounded_channel();
+    let task_may_end = Arc::new(Notify::new());
+    let app = routes()
+        .route(
+            "/spawn",
+            post({
+                let task_may_end = Arc::clone(&task_may_end);
+                move |session: Session| {
+                    let (results, task_may_end) = (results.clone(), Arc::clone(&task_may_end));
+                    async move {
+                        // The session's first access happens in a task of the handler's, which
+                        // outlives the request.
+                        tokio::spawn(async move {
+                            let inserted = session.insert("n", 5).await;
+                            results.send(inserted.map_err(|e| e.to_string())).unwrap();
+                            task_may_end.notified().await;
+                            drop(session);
+                        });
+                        std::future::pending::<()>().await
+                    }
+                }
+            }),
+        )
+        .layer(SessionLayer::new(backend.clone()).lease_wait(Duration::from_millis(300)));
+    let pair = new_session(&app).await;
+
+    let held = store.hold(id_of(&pair).as_bytes()).await;
+    let leases = backend.leases();
+    let request = tokio::spawn({
+        let (app, pair) = (app.clone(), pair.clone());
+        async move { send(&app, "POST", "/spawn", Some(&pair)).await }
+    });
+    // The task is loading the session: it asked for the lease, which is held.
+    tokio::time::timeout(Duration::from_secs(10), backend.leases_asked(leases + 1))
+        .await
+        .expect("the task asked for the session's lease");
+    // The client goes away while the task waits.
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    held.release().await;
+
+    let inserted = tokio::time::timeout(Duration::from_secs(10), result.recv())
+        .await
+        .expect("the task's insert finished")
+        .unwrap();
+    // The task still holds its handle, but the lease is free and nothing was saved.
+    let response = get_req(&app, "/n", Some(&pair)).await;
+    assert_eq!(text_status(response).await, (StatusCode::OK, "1".into()));
+    assert!(
+        inserted.is_err(),
+        "the insert of an abandoned request reports that nothing will be saved"
+    );
+    task_may_end.notify_one();
+}
+
+async fn a_request_of_a_session_cycled_while_it_waited_does_not_replace_the_new_cookie(kind: Kind) {
+    let store = kind.store().await;
+    let backend = Counting::new(store.clone());
+    let gate = Gate::default();
+    let app = routes()
+        .route(
+            "/slow-login",
+            post({
+                let gate = gate.clone();
+                move |session: Session| async move {
+                    session.cycle_id().await?;
+                    session.insert("user", "ann").await?;
+                    gate.holding.notify_one();
+                    gate.release.notified().await;
+                    Ok::<_, SessionError>(())
+                }
+            }),
+        )
+        .layer(SessionLayer::new(backend.clone()).lease_wait(Duration::from_secs(10)));
+    let pair = new_session(&app).await;
+    let login = tokio::spawn({
+        let (app, pair) = (app.clone(), pair.clone());
+        async move { send(&app, "POST", "/slow-login", Some(&pair)).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), gate.holding.notified())
+        .await
+        .expect("the login reached the gate");
+    // Two requests of the same user with the pre-login cookie wait for the lease.
+    let leases = backend.leases();
+    let read = tokio::spawn({
+        let (app, pair) = (app.clone(), pair.clone());
+        async move { send(&app, "GET", "/n", Some(&pair)).await }
+    });
+    let write = tokio::spawn({
+        let (app, pair) = (app.clone(), pair.clone());
+        async move { send(&app, "POST", "/n", Some(&pair)).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), backend.leases_asked(leases + 2))
+        .await
+        .expect("both requests wait for the lease");
+    gate.release.notify_one();
+
+    let login = login.await.unwrap();
+    assert_eq!(login.status(), StatusCode::OK);
+    let new_pair = cookie_pair(&login);
+    assert_ne!(id_of(&new_pair), id_of(&pair));
+
+    let read = read.await.unwrap();
+    assert!(set_cookies(&read).is_empty(), "{:?}", set_cookies(&read));
+    assert_eq!(text_status(read).await, (StatusCode::OK, "0".into()));
+    let write = write.await.unwrap();
+    assert!(set_cookies(&write).is_empty(), "{:?}", set_cookies(&write));
+    assert_eq!(write.status(), StatusCode::CONFLICT);
+
+    // A request sent with the old cookie just after the login was answered: the same.
+    let late = send(&app, "POST", "/n", Some(&pair)).await;
+    assert!(set_cookies(&late).is_empty(), "{:?}", set_cookies(&late));
+    assert_eq!(late.status(), StatusCode::CONFLICT);
+
+    // The new cookie holds the logged-in session, with the data it had.
+    let response = send(&app, "POST", "/n", Some(&new_pair)).await;
+    assert!(set_cookies(&response).is_empty());
+    assert_eq!(text_status(response).await, (StatusCode::OK, "2".into()));
+}
+
+async fn a_malformed_session_cookie_is_expired_without_store_access(kind: Kind) {
+    let store = kind.store().await;
+    let backend = Counting::new(store.clone());
+    let app = app(SessionLayer::new(backend.clone()));
+    let oversized = format!("session={}", "A".repeat(4000));
+    for cookie in [
+        "session=",
+        "session=not-an-id",
+        "session=AAAAAAAAAAAAAAAAAAAAAB",
+        "other=1; session=\"AAAAAAAAAAAAAAAAAAAAAA",
+        &oversized,
+    ] {
+        for path in ["/plain", "/n"] {
+            let response = get_req(&app, path, Some(cookie)).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            let removal = the_set_cookie(&response);
+            assert_eq!(removal.name(), "session", "{cookie}");
+            assert_eq!(removal.value(), "");
+            assert_eq!(removal.path(), Some("/"));
+            assert_eq!(removal.max_age(), Some(cookie::time::Duration::ZERO));
+        }
+    }
+    assert_eq!(
+        backend.leases() + backend.unleased_reads(),
+        0,
+        "no store access"
+    );
+    // Not ours: other cookies, however odd, are left alone.
+    let response = get_req(&app, "/plain", Some("sessions=x; other=session=")).await;
+    assert!(set_cookies(&response).is_empty());
+}
+
+async fn a_cookie_naming_a_gone_session_is_expired_when_the_session_is_touched(kind: Kind) {
+    let store = kind.store().await;
+    let backend = Counting::new(store.clone());
+    let app = app(SessionLayer::new(backend.clone()));
+    let removed = new_session(&app).await;
+    let mut lease = store.hold(id_of(&removed).as_bytes()).await;
+    lease.remove().await.unwrap();
+    lease.release().await;
+    for cookie in [unknown_pair(1), removed] {
+        // Untouched: nothing to know, nothing sent.
+        let accesses = backend.leases() + backend.unleased_reads();
+        let response = get_req(&app, "/plain", Some(&cookie)).await;
+        assert!(set_cookies(&response).is_empty());
+        assert_eq!(backend.leases() + backend.unleased_reads(), accesses);
+
+        let response = get_req(&app, "/n", Some(&cookie)).await;
+        let removal = the_set_cookie(&response);
+        assert_eq!(removal.name(), "session");
+        assert_eq!(removal.value(), "");
+        assert_eq!(removal.max_age(), Some(cookie::time::Duration::ZERO));
+        assert_eq!(text_status(response).await, (StatusCode::OK, "0".into()));
+    }
 }
 
 /// Makes a `file::NAME` and a `redis::NAME` test of each route test `NAME(kind: Kind)` listed (a
@@ -1057,4 +1421,13 @@ every_backend! {
     the_typed_view_round_trips,
     a_session_deleted_by_logout_is_not_brought_back_by_a_concurrent_save,
     set_expiry_is_stored_with_the_session_and_resends_the_cookie,
+    a_non_ascii_byte_in_another_cookie_does_not_hide_the_session,
+    a_stale_session_cookie_listed_first_does_not_hide_the_live_one,
+    a_host_prefixed_cookie_name_is_supported_and_its_rules_enforced,
+    a_value_nested_too_deep_to_read_back_is_refused_and_the_session_kept,
+    an_undecodable_stored_session_is_an_error_and_is_kept,
+    a_request_abandoned_while_a_spawned_task_loads_the_session_releases_it,
+    a_request_of_a_session_cycled_while_it_waited_does_not_replace_the_new_cookie,
+    a_malformed_session_cookie_is_expired_without_store_access,
+    a_cookie_naming_a_gone_session_is_expired_when_the_session_is_touched,
 }

@@ -58,6 +58,7 @@ impl SessionLayer {
                 backend: LayerBackend::new(backend),
                 config: Config::default(),
                 cookie_tail: std::sync::OnceLock::new(),
+                undecodable: Arc::default(),
             }),
         }
     }
@@ -69,6 +70,17 @@ impl SessionLayer {
     }
 
     /// Name of the session cookie (default `session`).
+    ///
+    /// Prefer a name starting with `__Host-` on HTTPS sites: browsers then accept the cookie only
+    /// from this host, with `Secure`, `Path=/` and no `Domain`, so a sibling subdomain (or a
+    /// plain-HTTP page) cannot plant a session cookie of that name next to yours. A `__Host-` name
+    /// with a [`domain`](Self::domain), a [`path`](Self::path) other than `/` or
+    /// [`secure(false)`](Self::secure), or a `__Secure-` name without `Secure`, would be refused by
+    /// browsers: every request that touches the session then fails with a `500` and an error log
+    /// line saying why.
+    ///
+    /// When the browser sends several cookies of this name (one per path or domain it holds),
+    /// the first few (four) are tried in order until one names a live session.
     ///
     /// # Examples
     ///
@@ -302,6 +314,30 @@ impl SessionLayer {
     pub fn save_on_client_error(mut self, save: bool) -> Self {
         self.config().save_on_client_error = save;
         self
+    }
+
+    /// How many stored sessions this layer (and its clones) found undecodable: records written by
+    /// another version of the application, or damaged. Each such request fails with a `500` and
+    /// an error log line naming the session's [`ShortHash`](crate::ShortHash); the record is kept
+    /// as it was. Watch it after a deploy.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use mmap_session::{store::Store, SessionLayer};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let store = Store::open(dir.path().join("sessions"))?;
+    /// let layer = SessionLayer::new(store);
+    /// let app: axum::Router = axum::Router::new().layer(layer.clone());
+    /// assert_eq!(layer.undecodable_sessions(), 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn undecodable_sessions(&self) -> u64 {
+        self.shared
+            .undecodable
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Signs cookies with HMAC-SHA256 (default: unsigned). New cookies are signed with the first key;

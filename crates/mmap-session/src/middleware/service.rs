@@ -54,8 +54,8 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let cookie_id = cookies::session_id_from(request.headers(), &self.shared.config);
-        let session = Session::new(Arc::clone(&self.shared), cookie_id);
+        let cookie = cookies::session_cookies(request.headers(), &self.shared.config);
+        let session = Session::new(Arc::clone(&self.shared), cookie);
         let guard = session.guard();
         request.extensions_mut().insert(session);
         // The clone has not been driven to readiness; the original, which has, serves this call

@@ -191,6 +191,46 @@ pub async fn send(app: &Router, method: &str, path: &str, cookie: Option<&str>) 
         .unwrap()
 }
 
+/// Sends one request through `app` with a `Cookie` header of these exact bytes (which need not
+/// be ASCII, or even UTF-8: browsers send what other cookies of the site hold).
+pub async fn send_raw_cookie(
+    app: &Router,
+    method: &str,
+    path: &str,
+    cookie: &[u8],
+) -> Response<Body> {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(
+            header::COOKIE,
+            axum::http::HeaderValue::from_bytes(cookie).unwrap(),
+        )
+        .body(Body::empty())
+        .unwrap();
+    app.clone().oneshot(request).await.unwrap()
+}
+
+/// Sends one request through `app` with a JSON body, and `cookie` if given.
+pub async fn send_json(
+    app: &Router,
+    path: &str,
+    cookie: Option<&str>,
+    json: String,
+) -> Response<Body> {
+    let mut request = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, cookie);
+    }
+    app.clone()
+        .oneshot(request.body(Body::from(json)).unwrap())
+        .await
+        .unwrap()
+}
+
 pub async fn get(app: &Router, path: &str, cookie: Option<&str>) -> Response<Body> {
     send(app, "GET", path, cookie).await
 }
@@ -236,6 +276,8 @@ pub struct Counting {
     pub store: TestStore,
     pub leases: Arc<AtomicUsize>,
     pub unleased_reads: Arc<AtomicUsize>,
+    /// Woken whenever a lease is asked for.
+    leasing: Arc<tokio::sync::Notify>,
 }
 
 impl Counting {
@@ -244,6 +286,21 @@ impl Counting {
             store,
             leases: Arc::default(),
             unleased_reads: Arc::default(),
+            leasing: Arc::default(),
+        }
+    }
+
+    /// Returns once `n` leases in all have been asked for (the last of them may still be
+    /// waiting for the lease).
+    pub async fn leases_asked(&self, n: usize) {
+        loop {
+            let asked = self.leasing.notified();
+            tokio::pin!(asked);
+            asked.as_mut().enable();
+            if self.leases() >= n {
+                return;
+            }
+            asked.await;
         }
     }
 
@@ -261,6 +318,7 @@ impl SessionBackend for Counting {
 
     async fn lease(&self, key: &[u8], deadline: Instant) -> Result<TestLease, BackendError> {
         self.leases.fetch_add(1, Ordering::SeqCst);
+        self.leasing.notify_waiters();
         SessionBackend::lease(&self.store, key, deadline).await
     }
 
@@ -270,11 +328,12 @@ impl SessionBackend for Counting {
     }
 }
 
-/// A backend that can be told to fail the removal of one key, and remembers which keys it committed.
+/// A backend that can be told to fail every write (removal or commit) to one key, and remembers
+/// which keys it committed.
 #[derive(Clone, Debug)]
 pub struct Faulty {
     pub store: TestStore,
-    pub fail_remove_of: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    pub fail_writes_to: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
     pub committed: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
 }
 
@@ -282,7 +341,7 @@ impl Faulty {
     pub fn new(store: TestStore) -> Self {
         Self {
             store,
-            fail_remove_of: Arc::default(),
+            fail_writes_to: Arc::default(),
             committed: Arc::default(),
         }
     }
@@ -312,6 +371,15 @@ impl SessionBackend for Faulty {
     }
 }
 
+impl FaultyLease {
+    fn fail_if_told(&self) -> Result<(), BackendError> {
+        if self.backend.fail_writes_to.lock().unwrap().as_deref() == Some(&self.key[..]) {
+            return Err(BackendError::Io(std::io::Error::other("injected failure")));
+        }
+        Ok(())
+    }
+}
+
 impl mmap_session::BackendLease for FaultyLease {
     async fn load(&mut self) -> Result<Option<StoredRecord>, BackendError> {
         mmap_session::BackendLease::load(&mut self.lease).await
@@ -322,6 +390,7 @@ impl mmap_session::BackendLease for FaultyLease {
         value: &[u8],
         expires_at: std::time::SystemTime,
     ) -> Result<(), BackendError> {
+        self.fail_if_told()?;
         mmap_session::BackendLease::commit(&mut self.lease, value, expires_at).await?;
         self.backend
             .committed
@@ -332,9 +401,7 @@ impl mmap_session::BackendLease for FaultyLease {
     }
 
     async fn remove(&mut self) -> Result<(), BackendError> {
-        if self.backend.fail_remove_of.lock().unwrap().as_deref() == Some(&self.key[..]) {
-            return Err(BackendError::Io(std::io::Error::other("injected failure")));
-        }
+        self.fail_if_told()?;
         mmap_session::BackendLease::remove(&mut self.lease).await
     }
 

@@ -230,7 +230,7 @@ impl Shard {
             }
             let st = self.word[pos].load(Ordering::Acquire);
             let keyless = tag == EMPTY || tag == VACATED;
-            if chosen.is_none() && (st == 0 || (keyless && block_of(st) == 0)) {
+            if chosen.is_none() && keyless && block_of(st) == 0 {
                 chosen = Some((pos, tag, st));
             }
             if tag == EMPTY {
@@ -277,6 +277,19 @@ impl Shard {
             return Inserted::Retry;
         }
         Inserted::Leased(pos, token)
+    }
+
+    /// `Lease::release`: a key without a record gives its entry up (`give_up_key`), then the
+    /// word is released if it is still ours.
+    fn release_entry(&self, pos: usize, token: u64) {
+        let s = self.word[pos].load(Ordering::Acquire);
+        if holder(s) == token && block_of(s) == 0 {
+            let tag = self.tag[pos].load(Ordering::Acquire);
+            if tag & 3 == 2 {
+                let _ = self.tag[pos].compare_exchange(tag, VACATED, Ordering::AcqRel, Ordering::Acquire);
+            }
+        }
+        self.release(pos, token);
     }
 
     fn release(&self, pos: usize, token: u64) {
@@ -349,14 +362,20 @@ fn request(shard: &Shard, key: u64, lock: u64, token: u64, block: u64, impatient
                 let inserted = shard.insert(key, lock, token);
                 shard.release_lock(lock);
                 match inserted {
-                    Inserted::Leased(pos, token) => return shard.commit(pos, token, block),
+                    Inserted::Leased(pos, token) => {
+                        let acked = block != 0 && shard.commit(pos, token, block);
+                        shard.release_entry(pos, token);
+                        return acked;
+                    }
                     Inserted::Exists(pos) => pos,
                     Inserted::Retry => continue,
                 }
             }
         };
         if shard.lease_existing(pos, key, token, impatient) {
-            return shard.commit(pos, token, block);
+            let acked = block != 0 && shard.commit(pos, token, block);
+            shard.release_entry(pos, token);
+            return acked;
         }
     }
     false
@@ -365,7 +384,7 @@ fn request(shard: &Shard, key: u64, lock: u64, token: u64, block: u64, impatient
 #[test]
 fn a_deposed_inserter_never_hides_its_successors_commit_nor_duplicates_a_key() {
     let mut builder = loom::model::Builder::new();
-    builder.preemption_bound = Some(2);
+    builder.preemption_bound = Some(3);
     // Waiters spin (yielding) while a live holder works; allow long executions.
     builder.max_branches = 100_000;
     builder.check(|| {
@@ -403,18 +422,22 @@ fn a_deposed_inserter_never_hides_its_successors_commit_nor_duplicates_a_key() {
 }
 
 #[test]
-fn an_insert_recycling_another_keys_empty_entry_never_loses_either_key() {
+fn an_insert_reusing_an_entry_given_up_by_another_key_never_loses_either_key() {
     let mut builder = loom::model::Builder::new();
-    builder.preemption_bound = Some(2);
+    builder.preemption_bound = Some(3);
     // Waiters spin (yielding) while a live holder works; allow long executions.
     builder.max_branches = 100_000;
     builder.check(|| {
         let shard = Shard::new();
-        // The other key's entry exists without a record (its session ended).
+        // The other key's entry exists without a record: a request that leased it and commits
+        // nothing gives it up on release, then the key is written again.
         shard.tag[0].store(OTHER, Ordering::Relaxed);
         let other = {
             let shard = shard.clone();
-            thread::spawn(move || request(&shard, OTHER, 3, 13, 5, false))
+            thread::spawn(move || {
+                let _ = request(&shard, OTHER, 3, 13, 0, false);
+                request(&shard, OTHER, 5, 15, 5, false)
+            })
         };
         let acked = request(&shard, KEY, 4, 14, 6, false);
         let other_acked = other.join().unwrap();

@@ -286,7 +286,12 @@ impl Shard {
         if holder(s) == token && block_of(s) == 0 {
             let tag = self.tag[pos].load(Ordering::Acquire);
             if tag & 3 == 2 {
-                let _ = self.tag[pos].compare_exchange(tag, VACATED, Ordering::AcqRel, Ordering::Acquire);
+                let _ = self.tag[pos].compare_exchange(
+                    tag,
+                    VACATED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
             }
         }
         self.release(pos, token);

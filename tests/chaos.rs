@@ -1289,7 +1289,7 @@ async fn a_restarted_process_takes_over_the_lease_its_slot_predecessor_died_hold
             .and_then(|entry| entry.lease);
         eprintln!("the session's lease after the restart: {dead_lease:?} (successor {successor})");
         assert!(
-            dead_lease.is_none_or(|holder| !holder.alive),
+            dead_lease.as_ref().is_none_or(|holder| !holder.alive),
             "the session's lease is held by a live process after the restart: {dead_lease:?}"
         );
 

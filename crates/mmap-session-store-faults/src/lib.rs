@@ -202,3 +202,30 @@ pub fn unpad(value: &[u8]) -> String {
     let text = String::from_utf8_lossy(value);
     text.split('|').next().unwrap_or("").to_owned()
 }
+
+/// Failpoints are process-wide: a test that configures one stops the first thread of any test
+/// that passes it. Every test of a binary that configures failpoints in its own process holds
+/// this guard for its whole run.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Configures failpoint `name` (in this process) to stop the first thread that passes it: that
+/// thread sends on the returned `at` channel and waits until the returned `go` sender says go
+/// (or is dropped). Later passes go through.
+pub fn stop_once(name: &str) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let (at_tx, at_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let at_tx = std::sync::Mutex::new(Some(at_tx));
+    let go_rx = std::sync::Mutex::new(go_rx);
+    fail::cfg_callback(name, move || {
+        let Some(at) = at_tx.lock().unwrap().take() else {
+            return;
+        };
+        let _ = at.send(());
+        let _ = go_rx.lock().unwrap().recv();
+    })
+    .unwrap();
+    (at_rx, go_tx)
+}

@@ -3,43 +3,21 @@
 //! that no acknowledged commit is lost or hidden.
 //!
 //! Failpoints are process-wide: a test that configures one stops the first thread of any test
-//! that passes it, so every test of this file takes `SERIAL` first.
+//! that passes it, so every test of this file holds `serial()` first.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mmap_session_store::{OpenError, Options, Store, StoreError};
-use mmap_session_store_faults::{later, lease_and_commit, options, value, Child};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+use mmap_session_store_faults::{
+    later, lease_and_commit, options, serial, stop_once, value, Child,
+};
 
 const LONG: Duration = Duration::from_secs(60);
 const SHORT: Duration = Duration::from_millis(200);
 const WAIT: Duration = Duration::from_secs(5);
-
-/// Configures `name` to stop the first thread that passes it: that thread sends on the
-/// returned `at` channel and waits until the returned `go` sender says go (or is dropped).
-fn stop_once(name: &str) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
-    let (at_tx, at_rx) = mpsc::channel::<()>();
-    let (go_tx, go_rx) = mpsc::channel::<()>();
-    let at_tx = Mutex::new(Some(at_tx));
-    let go_rx = Mutex::new(go_rx);
-    fail::cfg_callback(name, move || {
-        let Some(at) = at_tx.lock().unwrap().take() else {
-            return;
-        };
-        let _ = at.send(());
-        let _ = go_rx.lock().unwrap().recv();
-    })
-    .unwrap();
-    (at_rx, go_tx)
-}
 
 /// Waits until `key`'s record has expired (its expiry is a few milliseconds away).
 fn until_expired(store: &Store, key: &str) {

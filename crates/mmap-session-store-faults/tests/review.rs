@@ -2,41 +2,15 @@
 //! interleaving with failpoints in real processes and checks a promise of the store.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::sync::{mpsc, Mutex, MutexGuard};
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use mmap_session_store::Store;
-use mmap_session_store_faults::{lease_and_commit, options, value, Child};
+use mmap_session_store_faults::{lease_and_commit, options, serial, stop_once, value, Child};
 
 const LONG: Duration = Duration::from_secs(60);
 const SHORT: Duration = Duration::from_millis(200);
 const WAIT: Duration = Duration::from_secs(5);
-
-/// Failpoints are process-wide: a test that configures one in this process would stop the
-/// threads of any other test passing there, so every test of this file takes this first.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Configures `name` to stop the first thread that passes it: that thread sends on the
-/// returned `at` channel and waits until the returned `go` sender says go (or is dropped).
-fn stop_once(name: &str) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
-    let (at_tx, at_rx) = mpsc::channel::<()>();
-    let (go_tx, go_rx) = mpsc::channel::<()>();
-    let at_tx = Mutex::new(Some(at_tx));
-    let go_rx = Mutex::new(go_rx);
-    fail::cfg_callback(name, move || {
-        let Some(at) = at_tx.lock().unwrap().take() else {
-            return;
-        };
-        let _ = at.send(());
-        let _ = go_rx.lock().unwrap().recv();
-    })
-    .unwrap();
-    (at_rx, go_tx)
-}
 
 /// Index entries of the tests' files (`options` sizes the index for 256 sessions): one shard.
 const ENTRIES: u64 = 1024;

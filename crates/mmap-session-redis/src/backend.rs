@@ -64,6 +64,8 @@ struct Inner {
     prefix: String,
     channel: String,
     lease_timeout: Duration,
+    /// How long a cancel marker lives: longer than a cancelled acquire can stay on its way.
+    marker_life: Duration,
     max_value_len: usize,
     /// The connection, subscription and dispatch tasks, stopped when the last clone goes.
     tasks: Vec<AbortHandle>,
@@ -162,6 +164,9 @@ impl RedisBackend {
                 prefix: config.key_prefix,
                 channel,
                 lease_timeout: config.lease_timeout,
+                marker_life: config
+                    .lease_timeout
+                    .saturating_add(config.command_timeout.saturating_mul(2)),
                 max_value_len: config.max_value_len,
                 tasks,
                 url: config.url,
@@ -181,11 +186,11 @@ impl Inner {
         &self,
         script: &Script,
         command: &'static str,
-        keys: &SessionKeys,
+        keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<Value, RedisError> {
         script
-            .evalsha_with_reload::<Value, _, _>(self.pool.next(), keys.all(), args)
+            .evalsha_with_reload::<Value, _, _>(self.pool.next(), keys, args)
             .await
             .map_err(failed(command))
     }
@@ -205,7 +210,7 @@ impl Inner {
             .run(
                 &self.scripts.acquire,
                 "acquire lease",
-                keys,
+                keys.for_token(token),
                 vec![
                     Value::from(token),
                     Value::from(millis(self.lease_timeout)),
@@ -223,6 +228,7 @@ impl Inner {
         };
         match parts.as_slice() {
             [Value::Integer(2)] => Ok(Attempt::Absent),
+            [Value::Integer(3)] => Ok(Attempt::Cancelled),
             [Value::Integer(0), Value::Integer(pttl)] => Ok(Attempt::Held {
                 remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
             }),
@@ -243,15 +249,24 @@ impl Inner {
     }
 
     /// Releases the lease of `token` on `keys`, if it still holds it, and wakes this process's
-    /// waiters at once (other processes' are woken by the published message).
-    async fn release(&self, keys: &SessionKeys, token: &str) {
+    /// waiters at once (other processes' are woken by the published message). `cancelled`: the
+    /// taking of the lease did not complete (its caller went away or failed before the acquire's
+    /// answer), so the acquire may still be on its way: leave the token's cancel marker.
+    async fn release(&self, keys: &SessionKeys, token: &str, cancelled: bool) {
         let args = vec![
             Value::from(token),
+            Value::from(if cancelled { "1" } else { "0" }),
+            Value::from(millis(self.marker_life)),
             Value::from(self.channel.as_str()),
             Value::from(keys.hash.as_str()),
         ];
         match self
-            .run(&self.scripts.release, "release lease", keys, args)
+            .run(
+                &self.scripts.release,
+                "release lease",
+                keys.for_token(token),
+                args,
+            )
             .await
         {
             Ok(Value::Integer(1)) => self.waiters.wake(&keys.hash),
@@ -288,6 +303,8 @@ impl Inner {
 enum Attempt {
     /// The record was asked to exist and does not; nothing was taken.
     Absent,
+    /// The taking was cancelled (its release ran first); nothing was taken.
+    Cancelled,
     /// Someone else holds it, for `remaining` more (`None`: no expiry on the lease key).
     Held { remaining: Option<Duration> },
     /// It is ours now.
@@ -329,6 +346,9 @@ struct Holding {
     keys: SessionKeys,
     token: String,
     armed: bool,
+    /// Whether the acquire's answer was received: until then, the release leaves the token's
+    /// cancel marker.
+    confirmed: bool,
 }
 
 impl Holding {
@@ -348,7 +368,8 @@ impl Holding {
         let inner = Arc::clone(&self.inner);
         let keys = self.keys.clone();
         let token = self.token.clone();
-        Some(runtime.spawn(async move { inner.release(&keys, &token).await }))
+        let cancelled = !self.confirmed;
+        Some(runtime.spawn(async move { inner.release(&keys, &token, cancelled).await }))
     }
 }
 
@@ -383,17 +404,29 @@ impl RedisBackend {
                 keys: keys.clone(),
                 token: token.clone(),
                 armed: true,
+                confirmed: false,
             };
             let remaining = match inner.try_acquire(&keys, &token, only_existing).await? {
                 Attempt::Absent => {
                     holding.armed = false;
                     return Ok(None);
                 }
+                Attempt::Cancelled => {
+                    // Only a release of this token leaves its marker, and this call has not
+                    // released it: another program wrote the key.
+                    holding.armed = false;
+                    return Err(RedisError::UnexpectedReply {
+                        command: "acquire lease",
+                        reply: "cancelled by a release this caller never sent".to_owned(),
+                    }
+                    .into());
+                }
                 Attempt::Taken {
                     generation,
                     overdue,
                     stored,
                 } => {
+                    holding.confirmed = true;
                     if overdue && generation > 1 {
                         tracing::warn!(key = keys.short(), generation, "{TAKEOVER}");
                     }
@@ -512,7 +545,12 @@ impl RedisLease {
         let mut all = vec![Value::from(holding.token.as_str())];
         all.extend(args);
         match inner
-            .run(script(&inner.scripts), command, &holding.keys, all)
+            .run(
+                script(&inner.scripts),
+                command,
+                holding.keys.for_token(&holding.token),
+                all,
+            )
             .await?
         {
             Value::Integer(1) => Ok(()),

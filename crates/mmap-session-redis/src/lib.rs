@@ -40,6 +40,8 @@
 mod backend;
 mod config;
 mod error;
+#[cfg(feature = "test-server")]
+pub mod fault_proxy;
 mod keys;
 mod record;
 mod scripts;

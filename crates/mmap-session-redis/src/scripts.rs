@@ -1,33 +1,56 @@
 //! The Lua scripts that make each lease step atomic on the server.
 //!
-//! Every script gets the session's keys in the order of [`SessionKeys::all`]: `KEYS[1]` the lease,
-//! `KEYS[2]` the generation counter, `KEYS[3]` the record. A lease's value is
-//! `<token>:<generation>`, the token being 128 random bits of its holder. Commit, remove and
-//! release take the caller's token as `ARGV[1]` and first check that the lease holds it
-//! (compare-and-set, compare-and-delete), so a holder whose lease expired and was taken by someone
-//! else writes nothing.
+//! Every script gets the session's keys in the order of [`SessionKeys::for_token`]: `KEYS[1]` the
+//! lease, `KEYS[2]` the generation counter, `KEYS[3]` the record, `KEYS[4]` the cancel marker of
+//! the caller's token. A lease's value is `<token>:<generation>`, the token being 128 random bits
+//! drawn for one taking of the lease.
 //!
-//! [`SessionKeys::all`]: crate::keys::SessionKeys::all
+//! # Idempotent per token
+//!
+//! The client library sends a command again when the connection broke before its reply came, so
+//! a script may run twice for one call, and a call that timed out may still run later. Each
+//! script therefore gives the same answer when run again with the same token:
+//!
+//! - acquire, finding the lease already held by its own token, answers "taken" (with the same
+//!   generation and record) instead of "held";
+//! - a release from a taking that was cancelled or failed (the caller never learned whether the
+//!   acquire ran) leaves a cancel marker for the token, and an acquire that finds its token's
+//!   marker takes nothing: an acquire delayed past its own release leaves no lease behind;
+//! - commit, remove, renew and release check that the lease holds the caller's token (compare and
+//!   set, compare and delete), so a late copy writes nothing once the lease has moved on; commit
+//!   writes the same bytes again, remove deletes again, release of a lease no longer held is a
+//!   no-op.
+//!
+//! [`SessionKeys::for_token`]: crate::keys::SessionKeys::for_token
 
 use fred::types::scripts::Script;
 
-/// Takes the lease if it is free.
+/// Takes the lease if it is free (or already the caller's).
 ///
-/// `ARGV`: token, lease time-out (ms), life of the generation counter (ms), and `1` to take it
-/// only if the record exists (`0` otherwise).
+/// `ARGV`: token, lease TTL (ms), life of the generation counter (ms), `1` to take it only if the
+/// record exists (`0` otherwise).
 ///
-/// Returns `{2}` when the record was asked to exist and does not (no lease is taken), `{0, pttl}`
-/// when the lease is held (`pttl`: its remaining time in ms, `-1` if it has no
-/// expiry), or `{1, generation, overdue, record}` when taken: `overdue` is 1 when the previous
+/// Returns `{3}` when the caller's taking was cancelled before this ran (nothing is taken), `{2}`
+/// when the record was asked to exist and does not (nothing is taken), `{0, pttl}` when someone
+/// else holds the lease (`pttl`: its remaining time in ms, `-1` if it has no expiry), or
+/// `{1, generation, overdue, record}` when it is the caller's: `overdue` is 1 when the previous
 /// lease was never released (its holder died or stalled and the lease expired), `record` the
 /// stored record or nil, read in the same step so that loading it costs no second round trip.
 const ACQUIRE: &str = r"
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  return {3}
+end
+local held = redis.call('GET', KEYS[1])
+if held then
+  local mine = ARGV[1] .. ':'
+  if string.sub(held, 1, string.len(mine)) == mine then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {1, tonumber(string.sub(held, string.len(mine) + 1)), 0, redis.call('GET', KEYS[3])}
+  end
+  return {0, redis.call('PTTL', KEYS[1])}
+end
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
   return {2}
-end
-local pttl = redis.call('PTTL', KEYS[1])
-if pttl ~= -2 then
-  return {0, pttl}
 end
 local generation = redis.call('HINCRBY', KEYS[2], 'n', 1)
 local released = tonumber(redis.call('HGET', KEYS[2], 'released') or '0')
@@ -55,6 +78,16 @@ end",
     };
 }
 
+/// Extends the lease if the caller still holds it.
+///
+/// `ARGV`: the holder's token, the new TTL (ms). Returns 1 if extended, 0 if the lease was lost.
+const RENEW: &str = fenced!(
+    r"
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"
+);
+
 /// Replaces the record if the caller still holds the lease.
 ///
 /// `ARGV`: the holder's token, the stored record, its time to live (ms). Returns 1 if written, 0
@@ -77,25 +110,33 @@ return 1
 );
 
 /// Gives the lease back if the caller still holds it, notes its generation as released and
-/// publishes the release so that waiters try at once.
+/// publishes the release so that waiters try at once. With `ARGV[2] == '1'` (a taking that was
+/// cancelled or failed), first leaves the cancel marker of the token for `ARGV[3]` ms, so that the
+/// acquire, if it has not run yet, takes nothing when it does.
 ///
-/// `ARGV`: the holder's token, the release channel, the session's hash. Returns 1 if released, 0
-/// if the lease was not the caller's (any more).
-const RELEASE: &str = fenced!(
-    r"
+/// `ARGV`: the holder's token, the cancel flag, the marker's life (ms), the release channel, the
+/// session's hash. Returns 1 if released, 0 if the lease was not the caller's (any more).
+const RELEASE: &str = r"
+if ARGV[2] == '1' then
+  redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
+end
+local held = redis.call('GET', KEYS[1])
+if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then
+  return 0
+end
 redis.call('DEL', KEYS[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HSET', KEYS[2], 'released', string.sub(held, string.len(ARGV[1]) + 2))
 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
-"
-);
+";
 
-/// The four scripts, with their SHA-1 digests (sent with `EVALSHA`, loaded on `NOSCRIPT`).
+/// The scripts, with their SHA-1 digests (sent with `EVALSHA`, loaded on `NOSCRIPT`).
 #[derive(Debug)]
 pub(crate) struct Scripts {
     pub(crate) acquire: Script,
+    pub(crate) renew: Script,
     pub(crate) commit: Script,
     pub(crate) remove: Script,
     pub(crate) release: Script,
@@ -105,9 +146,23 @@ impl Scripts {
     pub(crate) fn new() -> Self {
         Self {
             acquire: Script::from_lua(ACQUIRE),
+            renew: Script::from_lua(RENEW),
             commit: Script::from_lua(COMMIT),
             remove: Script::from_lua(REMOVE),
             release: Script::from_lua(RELEASE),
         }
+    }
+
+    /// The script called `name` (`acquire`, `renew`, `commit`, `remove`, `release`).
+    #[cfg(feature = "test-server")]
+    pub(crate) fn named(&self, name: &str) -> Option<&Script> {
+        Some(match name {
+            "acquire" => &self.acquire,
+            "renew" => &self.renew,
+            "commit" => &self.commit,
+            "remove" => &self.remove,
+            "release" => &self.release,
+            _ => return None,
+        })
     }
 }

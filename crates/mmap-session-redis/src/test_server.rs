@@ -162,6 +162,15 @@ impl Drop for RedisServer {
     }
 }
 
+/// The SHA-1 (hex) the backend sends with `EVALSHA` for its script `name` (`acquire`, `renew`,
+/// `commit`, `remove`, `release`), for [`FaultProxy::on_script`](crate::fault_proxy::FaultProxy::on_script);
+/// `None` for another name.
+pub fn script_sha1(name: &str) -> Option<String> {
+    crate::scripts::Scripts::new()
+        .named(name)
+        .map(|script| script.sha1().to_string())
+}
+
 fn program() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("REDIS_SERVER") {
         return Some(PathBuf::from(path));

@@ -5,10 +5,13 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use fred::clients::Pool;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use fred::clients::{Client, Pool};
 use fred::interfaces::{ClientLike as _, KeysInterface as _, PubsubInterface as _};
-use fred::prelude::{Builder, Config, ReconnectPolicy, Value};
+use fred::prelude::{Builder, Config, Options, ReconnectPolicy, Value};
 use fred::types::scripts::Script;
+use fred::types::{ClusterHash, CustomCommand};
 use mmap_session::{BackendError, BackendLease, SessionBackend, StoredRecord};
 use tokio::task::{AbortHandle, JoinHandle};
 
@@ -23,6 +26,11 @@ use crate::RedisError;
 const POLL_MIN: Duration = Duration::from_millis(10);
 /// Longest gap between two such tries.
 const POLL_MAX: Duration = Duration::from_millis(250);
+/// The shortest lease TTL: renewed every third of it, at least every millisecond.
+const MIN_LEASE_TTL: Duration = Duration::from_millis(3);
+/// The least time an acquire is given, even when the caller's deadline is nearer: a try that
+/// could not possibly answer in time would only fail.
+const MIN_ACQUIRE_BUDGET: Duration = Duration::from_millis(100);
 /// What the log says when a lease is taken that its previous holder never released.
 const TAKEOVER: &str = "took over an expired lease that its holder never released";
 
@@ -64,6 +72,8 @@ struct Inner {
     prefix: String,
     channel: String,
     lease_timeout: Duration,
+    lease_ttl: Duration,
+    command_timeout: Duration,
     /// How long a cancel marker lives: longer than a cancelled acquire can stay on its way.
     marker_life: Duration,
     max_value_len: usize,
@@ -86,6 +96,7 @@ impl fmt::Debug for RedisBackend {
             .field("url", &redacted(&self.inner.url))
             .field("key_prefix", &self.inner.prefix)
             .field("lease_timeout", &self.inner.lease_timeout)
+            .field("lease_ttl", &self.inner.lease_ttl)
             .field("max_value_len", &self.inner.max_value_len)
             .finish_non_exhaustive()
     }
@@ -114,6 +125,9 @@ impl RedisBackend {
             return Err(RedisError::Config(
                 "the lease time-out must be at least 1 ms",
             ));
+        }
+        if config.lease_ttl < MIN_LEASE_TTL {
+            return Err(RedisError::Config("the lease TTL must be at least 3 ms"));
         }
         let server =
             Config::from_url(&config.url).map_err(|source| RedisError::InvalidUrl { source })?;
@@ -164,6 +178,8 @@ impl RedisBackend {
                 prefix: config.key_prefix,
                 channel,
                 lease_timeout: config.lease_timeout,
+                lease_ttl: config.lease_ttl.min(config.lease_timeout),
+                command_timeout: config.command_timeout,
                 marker_life: config
                     .lease_timeout
                     .saturating_add(config.command_timeout.saturating_mul(2)),
@@ -181,18 +197,59 @@ impl RedisBackend {
 }
 
 impl Inner {
-    /// Runs one of the scripts on `keys`.
+    /// A client of the pool whose connection is up, or why there is none: a command sent on a
+    /// connection that is down would wait for the reconnection, and the request with it.
+    fn connected(&self, command: &'static str) -> Result<&Client, RedisError> {
+        let next = self.pool.next();
+        if next.is_connected() {
+            return Ok(next);
+        }
+        self.pool
+            .clients()
+            .iter()
+            .find(|client| client.is_connected())
+            .ok_or(RedisError::NotConnected { command })
+    }
+
+    /// Runs one of the scripts on `keys`, failing after `budget` (at most the command time-out).
+    ///
+    /// The time-out is the client's own: a command that timed out is not sent again after a
+    /// reconnection (though one already written may still run, which the scripts allow for).
     async fn run(
         &self,
         script: &Script,
         command: &'static str,
         keys: Vec<String>,
         args: Vec<Value>,
+        budget: Duration,
     ) -> Result<Value, RedisError> {
-        script
-            .evalsha_with_reload::<Value, _, _>(self.pool.next(), keys, args)
-            .await
-            .map_err(failed(command))
+        let plain = self.connected(command)?;
+        let options = Options {
+            timeout: Some(budget.min(self.command_timeout)),
+            ..Options::default()
+        };
+        let client = plain.with_options(&options);
+        // EVALSHA sha numkeys key...: the first key, which fixes the slot, is the third argument.
+        let evalsha = || {
+            let mut all: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+            all.push(Value::from(script.sha1().clone()));
+            all.push(Value::from(i64::try_from(keys.len()).unwrap_or(i64::MAX)));
+            all.extend(keys.iter().map(|key| Value::from(key.as_str())));
+            all.extend(args.iter().cloned());
+            client.custom::<Value, Value>(
+                CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false),
+                all,
+            )
+        };
+        match evalsha().await {
+            Err(error) if error.details().starts_with("NOSCRIPT") => {
+                // A restarted or new server: load the script (on every primary) and try again.
+                script.load(plain).await.map_err(failed(command))?;
+                evalsha().await
+            }
+            other => other,
+        }
+        .map_err(failed(command))
     }
 
     /// One try at the lease; with `only_existing`, only if the record exists.
@@ -201,6 +258,7 @@ impl Inner {
         keys: &SessionKeys,
         token: &str,
         only_existing: bool,
+        budget: Duration,
     ) -> Result<Attempt, RedisError> {
         let generation_life = self
             .lease_timeout
@@ -213,10 +271,11 @@ impl Inner {
                 keys.for_token(token),
                 vec![
                     Value::from(token),
-                    Value::from(millis(self.lease_timeout)),
+                    Value::from(millis(self.lease_ttl)),
                     Value::from(millis(generation_life)),
                     Value::from(if only_existing { "1" } else { "0" }),
                 ],
+                budget,
             )
             .await?;
         let unexpected = |reply: &Value| RedisError::UnexpectedReply {
@@ -266,6 +325,7 @@ impl Inner {
                 "release lease",
                 keys.for_token(token),
                 args,
+                self.command_timeout,
             )
             .await
         {
@@ -279,7 +339,7 @@ impl Inner {
             Err(error) => tracing::warn!(
                 key = keys.short(),
                 error = %error,
-                "cannot release a session lease; it expires by its time-out"
+                "cannot release a session lease; it expires by its TTL"
             ),
         }
     }
@@ -340,7 +400,7 @@ fn new_token() -> Result<String, BackendError> {
 /// A lease that may be held on the server: released when dropped unless disarmed.
 ///
 /// Dropping runs the release script as a task on the current tokio runtime; without a runtime the
-/// lease expires by its time-out.
+/// lease expires by its TTL.
 struct Holding {
     inner: Arc<Inner>,
     keys: SessionKeys,
@@ -349,19 +409,24 @@ struct Holding {
     /// Whether the acquire's answer was received: until then, the release leaves the token's
     /// cancel marker.
     confirmed: bool,
+    /// The task renewing the lease while it is held.
+    watchdog: Option<AbortHandle>,
 }
 
 impl Holding {
     /// Starts releasing the lease (once), in a task of its own so that it completes even if the
     /// caller is cancelled. `None` if there is nothing to release or no runtime to do it on.
     fn start_release(&mut self) -> Option<JoinHandle<()>> {
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.abort();
+        }
         if !std::mem::replace(&mut self.armed, false) {
             return None;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::debug!(
                 key = self.keys.short(),
-                "no tokio runtime to release a lease on; it expires by its time-out"
+                "no tokio runtime to release a lease on; it expires by its TTL"
             );
             return None;
         };
@@ -376,6 +441,64 @@ impl Holding {
 impl Drop for Holding {
     fn drop(&mut self) {
         drop(self.start_release());
+    }
+}
+
+/// The lease watchdog: renews the lease of `token` every third of the lease TTL, for as long as
+/// its holder keeps it and at most until `lease_timeout` after `taken` (the last renewal ends it
+/// exactly then). A renewal that finds the lease gone or someone else's sets `lost`, which ends
+/// the holder's right to write; one that fails to reach Redis is tried again at the next tick
+/// (the scripts' token check fences any write made after the lease lapsed).
+async fn renew_while_held(
+    inner: Arc<Inner>,
+    keys: SessionKeys,
+    token: String,
+    taken: Instant,
+    lost: Arc<AtomicBool>,
+) {
+    let every = inner.lease_ttl / 3;
+    let end = taken + inner.lease_timeout;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::from_std(taken) + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        if now >= end {
+            tracing::warn!(
+                key = keys.short(),
+                timeout = ?inner.lease_timeout,
+                "a request held its session's lease for the whole lease time-out; the lease is no \
+                 longer renewed and its changes will not be saved"
+            );
+            return;
+        }
+        let ttl = inner.lease_ttl.min(end - now);
+        let renewal = inner
+            .run(
+                &inner.scripts.renew,
+                "renew lease",
+                keys.for_token(&token),
+                vec![Value::from(token.as_str()), Value::from(millis(ttl))],
+                every,
+            )
+            .await;
+        match renewal {
+            Ok(Value::Integer(1)) => {}
+            Ok(_) => {
+                lost.store(true, Ordering::SeqCst);
+                tracing::warn!(
+                    key = keys.short(),
+                    "the session's lease expired before it could be renewed; its changes will \
+                     not be saved"
+                );
+                return;
+            }
+            Err(error) => tracing::warn!(
+                key = keys.short(),
+                error = %error,
+                "cannot renew a session lease; trying again"
+            ),
+        }
     }
 }
 
@@ -405,8 +528,16 @@ impl RedisBackend {
                 token: token.clone(),
                 armed: true,
                 confirmed: false,
+                watchdog: None,
             };
-            let remaining = match inner.try_acquire(&keys, &token, only_existing).await? {
+            let sent = Instant::now();
+            let budget = deadline
+                .saturating_duration_since(sent)
+                .max(MIN_ACQUIRE_BUDGET);
+            let attempt = inner
+                .try_acquire(&keys, &token, only_existing, budget)
+                .await?;
+            let remaining = match attempt {
                 Attempt::Absent => {
                     holding.armed = false;
                     return Ok(None);
@@ -430,10 +561,23 @@ impl RedisBackend {
                     if overdue && generation > 1 {
                         tracing::warn!(key = keys.short(), generation, "{TAKEOVER}");
                     }
+                    // The server set the TTL after `sent`: counting from `sent` errs early.
+                    let lost = Arc::new(AtomicBool::new(false));
+                    holding.watchdog = Some(
+                        tokio::spawn(renew_while_held(
+                            Arc::clone(inner),
+                            keys.clone(),
+                            token.clone(),
+                            sent,
+                            Arc::clone(&lost),
+                        ))
+                        .abort_handle(),
+                    );
                     return Ok(Some(RedisLease {
                         holding,
                         generation,
                         stored,
+                        lost,
                     }));
                 }
                 Attempt::Held { remaining } => {
@@ -508,14 +652,16 @@ impl SessionBackend for RedisBackend {
 /// A held busy lease on one session in Redis.
 ///
 /// Dropping it without [`BackendLease::release`] releases it all the same, from a task spawned on
-/// the current tokio runtime; where no runtime is running, the lease expires by the configured
-/// time-out instead.
+/// the current tokio runtime; where no runtime is running, the lease expires by its TTL instead.
+/// While it is held, a task renews it (see [`RedisConfig::lease_ttl`]).
 pub struct RedisLease {
     holding: Holding,
     generation: u64,
     /// The stored record as read when the lease was taken, kept up to date by commit and remove
     /// (nobody else writes it while the lease is held).
     stored: Option<Vec<u8>>,
+    /// Set by the watchdog when a renewal found the lease gone: no write is tried any more.
+    lost: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for RedisLease {
@@ -542,6 +688,9 @@ impl RedisLease {
     ) -> Result<(), BackendError> {
         let holding = &self.holding;
         let inner = &holding.inner;
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(BackendError::LeaseLost);
+        }
         let mut all = vec![Value::from(holding.token.as_str())];
         all.extend(args);
         match inner
@@ -550,6 +699,7 @@ impl RedisLease {
                 command,
                 holding.keys.for_token(&holding.token),
                 all,
+                inner.command_timeout,
             )
             .await?
         {

@@ -31,6 +31,16 @@ pub enum RedisError {
         #[source]
         source: fred::error::Error,
     },
+    /// No connection to Redis is up: the server is down, restarting or unreachable. The client
+    /// reconnects in the background; the command was not sent.
+    #[error(
+        "cannot send `{command}`: not connected to Redis (the client is reconnecting); check \
+         that the server runs and is reachable"
+    )]
+    NotConnected {
+        /// Which of the backend's commands or scripts could not be sent.
+        command: &'static str,
+    },
     /// Redis answered something the backend's scripts never return (another program writing the
     /// same keys, or a server that is not Redis-compatible).
     #[error("unexpected reply from Redis to `{command}`: {reply}")]

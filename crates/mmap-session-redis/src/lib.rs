@@ -12,8 +12,9 @@
 //!
 //! - `{prefix}{<hash>}`: the record, its absolute expiry in front of the layer's bytes, with a
 //!   Redis TTL that drops it when it expires;
-//! - `{prefix}{<hash>}:lease`: the busy lease, set with `NX` and a TTL of the lease time-out,
-//!   holding the holder's random token and the lease's fencing generation;
+//! - `{prefix}{<hash>}:lease`: the busy lease, taken only where absent, with a short TTL (the
+//!   lease TTL, 2 s by default) that its live holder renews while the request runs, holding the
+//!   holder's random token and the lease's fencing generation;
 //! - `{prefix}{<hash>}:gen`: the generation counter, which outlives every lease it numbered.
 //!
 //! Taking, committing under, removing under and releasing a lease are Lua scripts, each atomic on
@@ -29,9 +30,11 @@
 //! - What survives a crash of Redis is what its persistence settings (RDB, AOF and its `fsync`
 //!   policy) keep; a failover to a replica can lose the latest writes, and with them a lease.
 //! - A lease lives by its TTL: Redis cannot tell that its holder died, so a session whose holder
-//!   was killed waits until the lease time-out passes (the file store, which asks the kernel, takes
-//!   it over at once). Keep [`RedisConfig::lease_timeout`] above your slowest request and as short
-//!   as that allows.
+//!   was killed waits until the lease TTL runs out ([`RedisConfig::lease_ttl`], 2 s by default;
+//!   the file store, which asks the kernel, takes it over at once). A live holder renews its lease
+//!   (a watchdog task, every third of the TTL) for at most [`RedisConfig::lease_timeout`]; a
+//!   holder that cannot renew in time (a pause or a network cut longer than the TTL) loses the
+//!   lease, and its commit is refused.
 //! - A lease is only as good as Redis's clock: the lease TTL runs on the server.
 //! - One Redis server (or primary) is assumed; a Redis Cluster is not supported.
 #![forbid(unsafe_code)]
@@ -52,6 +55,6 @@ mod wake;
 pub use backend::{RedisBackend, RedisLease};
 pub use config::{
     RedisConfig, DEFAULT_COMMAND_TIMEOUT, DEFAULT_KEY_PREFIX, DEFAULT_LEASE_TIMEOUT,
-    DEFAULT_MAX_VALUE_LEN, DEFAULT_POOL_SIZE,
+    DEFAULT_LEASE_TTL, DEFAULT_MAX_VALUE_LEN, DEFAULT_POOL_SIZE,
 };
 pub use error::RedisError;

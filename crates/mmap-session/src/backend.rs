@@ -44,6 +44,10 @@ pub enum BackendError {
         /// The backend's limit.
         max: usize,
     },
+    /// The storage cannot be reached now (its server is down, restarting or cut off); the same
+    /// operation may succeed once it is back. The layer answers `503`.
+    #[error("the session store is unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// An I/O error in the backend.
     #[error("session store I/O error")]
     Io(#[source] std::io::Error),

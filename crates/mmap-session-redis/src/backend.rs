@@ -7,15 +7,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use fred::clients::{Client, Pool};
-use fred::interfaces::{ClientLike as _, KeysInterface as _, PubsubInterface as _};
-use fred::prelude::{Builder, Config, Options, ReconnectPolicy, Value};
+use fred::interfaces::{ClientLike as _, PubsubInterface as _};
+use fred::prelude::{Builder, Config, ReconnectPolicy, Value};
+use fred::types::config::UnresponsiveConfig;
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
 use mmap_session::{BackendError, BackendLease, SessionBackend, StoredRecord};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::config::{redacted, RedisConfig};
+use crate::connections::Connections;
 use crate::keys::{release_channel, SessionKeys};
 use crate::record;
 use crate::scripts::Scripts;
@@ -66,7 +67,7 @@ pub struct RedisBackend {
 }
 
 struct Inner {
-    pool: Pool,
+    connections: Connections,
     scripts: Scripts,
     waiters: Arc<Waiters>,
     prefix: String,
@@ -136,18 +137,27 @@ impl RedisBackend {
             .with_connection_config(|connection| {
                 connection.connection_timeout = config.command_timeout;
                 connection.internal_command_timeout = config.command_timeout;
+                // A connection that stops answering (a host gone without closing it) is closed and
+                // made again, instead of every later command timing out on it.
+                connection.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(config.command_timeout),
+                    interval: (config.command_timeout / 4).max(Duration::from_millis(10)),
+                };
             })
             .with_performance_config(|performance| {
                 performance.default_command_timeout = config.command_timeout;
             })
-            // Reconnect for ever (100 ms to 2 s apart); commands meanwhile fail by their time-out.
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+            // Reconnect for ever (10 ms to 1 s apart). Meanwhile commands are not queued for the
+            // reconnection: with no connection up they fail at once (`NotConnected`).
+            .set_policy(ReconnectPolicy::new_exponential(0, 10, 1_000, 2));
         let connect = |source| RedisError::Connect { source };
         let pool = builder.build_pool(config.pool_size).map_err(connect)?;
         let subscriber = builder.build_subscriber_client().map_err(connect)?;
 
         let mut tasks = Vec::new();
         tasks.push(pool.init().await.map_err(connect)?.abort_handle());
+        let (connections, trackers) = Connections::new(pool, config.command_timeout);
+        tasks.extend(trackers);
         tasks.push(subscriber.init().await.map_err(connect)?.abort_handle());
         tasks.push(subscriber.manage_subscriptions().abort_handle());
         let channel = release_channel(&config.key_prefix);
@@ -172,7 +182,7 @@ impl RedisBackend {
         );
         Ok(Self {
             inner: Arc::new(Inner {
-                pool,
+                connections,
                 scripts: Scripts::new(),
                 waiters,
                 prefix: config.key_prefix,
@@ -197,24 +207,8 @@ impl RedisBackend {
 }
 
 impl Inner {
-    /// A client of the pool whose connection is up, or why there is none: a command sent on a
-    /// connection that is down would wait for the reconnection, and the request with it.
-    fn connected(&self, command: &'static str) -> Result<&Client, RedisError> {
-        let next = self.pool.next();
-        if next.is_connected() {
-            return Ok(next);
-        }
-        self.pool
-            .clients()
-            .iter()
-            .find(|client| client.is_connected())
-            .ok_or(RedisError::NotConnected { command })
-    }
-
-    /// Runs one of the scripts on `keys`, failing after `budget` (at most the command time-out).
-    ///
-    /// The time-out is the client's own: a command that timed out is not sent again after a
-    /// reconnection (though one already written may still run, which the scripts allow for).
+    /// Runs one of the scripts on `keys`, failing after `budget` (at most the command time-out);
+    /// sent again if a connection breaks under it (the scripts are idempotent per token).
     async fn run(
         &self,
         script: &Script,
@@ -223,33 +217,34 @@ impl Inner {
         args: Vec<Value>,
         budget: Duration,
     ) -> Result<Value, RedisError> {
-        let plain = self.connected(command)?;
-        let options = Options {
-            timeout: Some(budget.min(self.command_timeout)),
-            ..Options::default()
-        };
-        let client = plain.with_options(&options);
         // EVALSHA sha numkeys key...: the first key, which fixes the slot, is the third argument.
-        let evalsha = || {
-            let mut all: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
-            all.push(Value::from(script.sha1().clone()));
-            all.push(Value::from(i64::try_from(keys.len()).unwrap_or(i64::MAX)));
-            all.extend(keys.iter().map(|key| Value::from(key.as_str())));
-            all.extend(args.iter().cloned());
-            client.custom::<Value, Value>(
+        let mut all: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+        all.push(Value::from(script.sha1().clone()));
+        all.push(Value::from(i64::try_from(keys.len()).unwrap_or(i64::MAX)));
+        all.extend(keys.into_iter().map(Value::from));
+        all.extend(args);
+        self.connections
+            .send(
+                command,
                 CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false),
                 all,
+                Some(script),
+                budget,
             )
-        };
-        match evalsha().await {
-            Err(error) if error.details().starts_with("NOSCRIPT") => {
-                // A restarted or new server: load the script (on every primary) and try again.
-                script.load(plain).await.map_err(failed(command))?;
-                evalsha().await
-            }
-            other => other,
-        }
-        .map_err(failed(command))
+            .await
+    }
+
+    /// Runs a one-key read (`GET`, `EXISTS`) on `key`.
+    async fn read(&self, command: &'static str, key: &str) -> Result<Value, RedisError> {
+        self.connections
+            .send(
+                command,
+                CustomCommand::new_static(command, ClusterHash::FirstKey, false),
+                vec![Value::from(key)],
+                None,
+                self.command_timeout,
+            )
+            .await
     }
 
     /// One try at the lease; with `only_existing`, only if the record exists.
@@ -373,11 +368,6 @@ enum Attempt {
         overdue: bool,
         stored: Option<Vec<u8>>,
     },
-}
-
-/// Makes a client error into the backend's error for `command`.
-fn failed(command: &'static str) -> impl FnOnce(fred::error::Error) -> RedisError {
-    move |source| RedisError::Command { command, source }
 }
 
 /// Milliseconds, rounded up, at least 1 (a TTL of 0 would be refused or expire at once).
@@ -625,12 +615,7 @@ impl SessionBackend for RedisBackend {
 
     async fn get_unleased(&self, key: &[u8]) -> Result<Option<StoredRecord>, BackendError> {
         let keys = SessionKeys::new(&self.inner.prefix, key);
-        let stored: Value = self
-            .inner
-            .pool
-            .get(keys.record.as_str())
-            .await
-            .map_err(failed("GET"))?;
+        let stored = self.inner.read("GET", &keys.record).await?;
         Ok(match stored.as_bytes() {
             Some(bytes) => self.inner.decode(&keys, bytes),
             None => None,
@@ -639,13 +624,14 @@ impl SessionBackend for RedisBackend {
 
     async fn exists(&self, key: &[u8]) -> Result<bool, BackendError> {
         let keys = SessionKeys::new(&self.inner.prefix, key);
-        let count: i64 = self
-            .inner
-            .pool
-            .exists(keys.record.as_str())
-            .await
-            .map_err(failed("EXISTS"))?;
-        Ok(count > 0)
+        match self.inner.read("EXISTS", &keys.record).await? {
+            Value::Integer(count) => Ok(count > 0),
+            other => Err(RedisError::UnexpectedReply {
+                command: "EXISTS",
+                reply: format!("{:?}", other.kind()),
+            }
+            .into()),
+        }
     }
 }
 

@@ -42,6 +42,7 @@
 
 mod backend;
 mod config;
+mod connections;
 mod error;
 #[cfg(feature = "test-server")]
 pub mod fault_proxy;

@@ -7,31 +7,34 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use fred::interfaces::{ClientLike as _, PubsubInterface as _};
+use fred::interfaces::ClientLike as _;
 use fred::prelude::{Builder, Config, ReconnectPolicy, Value};
 use fred::types::config::UnresponsiveConfig;
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
 use mmap_session::{BackendError, BackendLease, SessionBackend, StoredRecord};
+use tokio::sync::OwnedMutexGuard;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::config::{redacted, RedisConfig};
 use crate::connections::Connections;
-use crate::keys::{release_channel, SessionKeys};
+use crate::keys::SessionKeys;
 use crate::record;
 use crate::scripts::Scripts;
-use crate::wake::{self, Waiters};
+use crate::wake::{self, Waiters, Waiting};
 use crate::RedisError;
 
-/// First gap between two tries of a busy lease when no release message arrives.
-const POLL_MIN: Duration = Duration::from_millis(10);
-/// Longest gap between two such tries.
-const POLL_MAX: Duration = Duration::from_millis(250);
+/// How long a waiter waits before trying again when the held lease has no TTL (which only
+/// another program writing the key can cause).
+const FALLBACK_WAIT: Duration = Duration::from_millis(250);
 /// The shortest lease TTL: renewed every third of it, at least every millisecond.
 const MIN_LEASE_TTL: Duration = Duration::from_millis(3);
 /// The least time an acquire is given, even when the caller's deadline is nearer: a try that
 /// could not possibly answer in time would only fail.
 const MIN_ACQUIRE_BUDGET: Duration = Duration::from_millis(100);
+/// How much longer than the lease TTL the "someone waits" flag lives: a waiter tries again at the
+/// latest when the lease's TTL runs out, and sets the flag again if it is still held.
+const WAITING_FLAG_MARGIN: Duration = Duration::from_secs(1);
 /// What the log says when a lease is taken that its previous holder never released.
 const TAKEOVER: &str = "took over an expired lease that its holder never released";
 
@@ -71,7 +74,6 @@ struct Inner {
     scripts: Scripts,
     waiters: Arc<Waiters>,
     prefix: String,
-    channel: String,
     lease_timeout: Duration,
     lease_ttl: Duration,
     command_timeout: Duration,
@@ -160,21 +162,10 @@ impl RedisBackend {
         tasks.extend(trackers);
         tasks.push(subscriber.init().await.map_err(connect)?.abort_handle());
         tasks.push(subscriber.manage_subscriptions().abort_handle());
-        let channel = release_channel(&config.key_prefix);
-        let waiters = Arc::new(Waiters::default());
-        // Listen before subscribing, so that no release after `connect` returns is missed.
-        tasks.push(
-            tokio::spawn(wake::dispatch(
-                &subscriber,
-                channel.clone(),
-                Arc::clone(&waiters),
-            ))
-            .abort_handle(),
-        );
-        subscriber
-            .subscribe(channel.clone())
-            .await
-            .map_err(connect)?;
+        let (waiters, subscriptions) = Waiters::new(subscriber.clone());
+        let waiters = Arc::new(waiters);
+        tasks.push(tokio::spawn(subscriptions).abort_handle());
+        tasks.push(tokio::spawn(wake::dispatch(&subscriber, Arc::clone(&waiters))).abort_handle());
         tracing::debug!(
             url = %redacted(&config.url),
             prefix = %config.key_prefix,
@@ -186,7 +177,6 @@ impl RedisBackend {
                 scripts: Scripts::new(),
                 waiters,
                 prefix: config.key_prefix,
-                channel,
                 lease_timeout: config.lease_timeout,
                 lease_ttl: config.lease_ttl.min(config.lease_timeout),
                 command_timeout: config.command_timeout,
@@ -269,6 +259,7 @@ impl Inner {
                     Value::from(millis(self.lease_ttl)),
                     Value::from(millis(generation_life)),
                     Value::from(if only_existing { "1" } else { "0" }),
+                    Value::from(millis(self.lease_ttl.saturating_add(WAITING_FLAG_MARGIN))),
                 ],
                 budget,
             )
@@ -302,8 +293,8 @@ impl Inner {
         }
     }
 
-    /// Releases the lease of `token` on `keys`, if it still holds it, and wakes this process's
-    /// waiters at once (other processes' are woken by the published message). `cancelled`: the
+    /// Releases the lease of `token` on `keys`, if it still holds it (waiters of other processes
+    /// are woken by the published message, this process's next one by its turn). `cancelled`: the
     /// taking of the lease did not complete (its caller went away or failed before the acquire's
     /// answer), so the acquire may still be on its way: leave the token's cancel marker.
     async fn release(&self, keys: &SessionKeys, token: &str, cancelled: bool) {
@@ -311,7 +302,7 @@ impl Inner {
             Value::from(token),
             Value::from(if cancelled { "1" } else { "0" }),
             Value::from(millis(self.marker_life)),
-            Value::from(self.channel.as_str()),
+            Value::from(keys.release_channel()),
             Value::from(keys.hash.as_str()),
         ];
         match self
@@ -324,7 +315,7 @@ impl Inner {
             )
             .await
         {
-            Ok(Value::Integer(1)) => self.waiters.wake(&keys.hash),
+            Ok(Value::Integer(1)) => {}
             Ok(_) => {
                 tracing::debug!(
                     key = keys.short(),
@@ -401,6 +392,20 @@ struct Holding {
     confirmed: bool,
     /// The task renewing the lease while it is held.
     watchdog: Option<AbortHandle>,
+    /// This request's turn at the session in this process, and its registration: given back
+    /// once the lease is released, or by the watchdog once the lease has lapsed, so that the next
+    /// request of this process tries then.
+    turn: Arc<TurnSlot>,
+}
+
+/// A turn at a session in this process, while its lease is held.
+type TurnSlot = std::sync::Mutex<Option<(OwnedMutexGuard<()>, Waiting)>>;
+
+/// Takes the turn out of `slot`, to give it back.
+fn take_turn(slot: &TurnSlot) -> Option<(OwnedMutexGuard<()>, Waiting)> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
 }
 
 impl Holding {
@@ -410,6 +415,7 @@ impl Holding {
         if let Some(watchdog) = self.watchdog.take() {
             watchdog.abort();
         }
+        let turn = take_turn(&self.turn);
         if !std::mem::replace(&mut self.armed, false) {
             return None;
         }
@@ -424,7 +430,10 @@ impl Holding {
         let keys = self.keys.clone();
         let token = self.token.clone();
         let cancelled = !self.confirmed;
-        Some(runtime.spawn(async move { inner.release(&keys, &token, cancelled).await }))
+        Some(runtime.spawn(async move {
+            inner.release(&keys, &token, cancelled).await;
+            drop(turn);
+        }))
     }
 }
 
@@ -437,7 +446,7 @@ impl Drop for Holding {
 /// The lease watchdog: renews the lease of `token` every third of the lease TTL, for as long as
 /// its holder keeps it and at most until `lease_timeout` after `taken` (the last renewal ends it
 /// exactly then). A renewal that finds the lease gone or someone else's sets `lost`, which ends
-/// the holder's right to write; one that fails to reach Redis is tried again at the next tick
+/// the holder's right to write; either way the holder's turn in this process is given back; one that fails to reach Redis is tried again at the next tick
 /// (the scripts' token check fences any write made after the lease lapsed).
 async fn renew_while_held(
     inner: Arc<Inner>,
@@ -445,6 +454,7 @@ async fn renew_while_held(
     token: String,
     taken: Instant,
     lost: Arc<AtomicBool>,
+    turn: Arc<TurnSlot>,
 ) {
     let every = inner.lease_ttl / 3;
     let end = taken + inner.lease_timeout;
@@ -460,6 +470,8 @@ async fn renew_while_held(
                 "a request held its session's lease for the whole lease time-out; the lease is no \
                  longer renewed and its changes will not be saved"
             );
+            // The next request of this process may try now (and take the lease once it lapses).
+            drop(take_turn(&turn));
             return;
         }
         let ttl = inner.lease_ttl.min(end - now);
@@ -481,6 +493,7 @@ async fn renew_while_held(
                     "the session's lease expired before it could be renewed; its changes will \
                      not be saved"
                 );
+                drop(take_turn(&turn));
                 return;
             }
             Err(error) => tracing::warn!(
@@ -505,10 +518,18 @@ impl RedisBackend {
         let keys = SessionKeys::new(&inner.prefix, key);
         let token = new_token()?;
         let waiting = inner.waiters.register(&keys.hash);
-        let mut poll = POLL_MIN;
+        // The requests of this process take turns, in arrival order; only the one whose turn it
+        // is talks to Redis.
+        let turn =
+            tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), waiting.turn())
+                .await
+                .map_err(|_| BackendError::LeaseTimeout)?;
+        let notify = Arc::clone(&waiting.notify);
+        let mut turn = Some((turn, waiting));
+        let mut subscribed = false;
         loop {
             // Registered before the try, so that a release right after it is not missed.
-            let mut released = pin!(waiting.notify.notified());
+            let mut released = pin!(notify.notified());
             released.as_mut().enable();
             // If this future is dropped while the script runs, the guard releases what it may
             // have taken.
@@ -519,6 +540,7 @@ impl RedisBackend {
                 armed: true,
                 confirmed: false,
                 watchdog: None,
+                turn: Arc::new(std::sync::Mutex::new(None)),
             };
             let sent = Instant::now();
             let budget = deadline
@@ -548,6 +570,7 @@ impl RedisBackend {
                     stored,
                 } => {
                     holding.confirmed = true;
+                    holding.turn = Arc::new(std::sync::Mutex::new(turn.take()));
                     if overdue && generation > 1 {
                         tracing::warn!(key = keys.short(), generation, "{TAKEOVER}");
                     }
@@ -560,6 +583,7 @@ impl RedisBackend {
                             token.clone(),
                             sent,
                             Arc::clone(&lost),
+                            Arc::clone(&holding.turn),
                         ))
                         .abort_handle(),
                     );
@@ -575,19 +599,30 @@ impl RedisBackend {
                     remaining
                 }
             };
+            if !subscribed {
+                // Subscribed to the session's releases, then tried again at once: a release
+                // between the try and the subscription is seen by the new try.
+                subscribed = true;
+                if let Some((_, waiting)) = &turn {
+                    waiting.subscribe(&keys).await;
+                }
+                continue;
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(BackendError::LeaseTimeout);
             }
-            // Woken by the release message; polling (with back-off, and when the lease is due to
-            // expire, since expiry publishes nothing) is only the fallback.
-            let mut wait = poll.min(deadline - now);
-            if let Some(remaining) = remaining {
-                wait = wait.min(remaining.saturating_add(Duration::from_millis(1)));
-            }
+            // Woken by the release message; trying again when the held lease's TTL runs out (an
+            // expiry publishes nothing, and a message can be lost to a reconnection) is the only
+            // other wake-up: no polling while the holder is alive and renews.
+            let wait = remaining
+                .map_or(FALLBACK_WAIT, |remaining| {
+                    remaining.saturating_add(Duration::from_millis(1))
+                })
+                .min(deadline - now);
             tokio::select! {
                 () = released => {}
-                () = tokio::time::sleep(wait) => poll = (poll * 2).min(POLL_MAX),
+                () = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -707,6 +742,66 @@ impl RedisLease {
     }
 }
 
+impl RedisLease {
+    /// Runs the commit-and-release script with `write` (the write flag, then the record and its
+    /// TTL when it writes), and ends the lease whatever the outcome.
+    async fn finish(&mut self, write: Vec<Value>) -> Result<(), BackendError> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(BackendError::LeaseLost);
+        }
+        let holding = &mut self.holding;
+        if let Some(watchdog) = holding.watchdog.take() {
+            watchdog.abort();
+        }
+        let inner = Arc::clone(&holding.inner);
+        let mut args = write.into_iter();
+        let flag = args.next().unwrap_or_else(|| Value::from("0"));
+        let all = vec![
+            Value::from(holding.token.as_str()),
+            flag,
+            Value::from(""),
+            Value::from(holding.keys.release_channel()),
+            Value::from(holding.keys.hash.as_str()),
+        ]
+        .into_iter()
+        .chain(args)
+        .collect();
+        let reply = inner
+            .run(
+                &inner.scripts.commit_release,
+                "commit and release",
+                holding.keys.for_token(&holding.token),
+                all,
+                inner.command_timeout,
+            )
+            .await;
+        match reply {
+            Ok(Value::Integer(1)) => {
+                // Released by the script: nothing left to do when dropped.
+                holding.armed = false;
+                Ok(())
+            }
+            Ok(Value::Integer(0)) => {
+                holding.armed = false;
+                tracing::warn!(
+                    key = holding.keys.short(),
+                    generation = self.generation,
+                    "the session's lease expired before the write; nothing was written"
+                );
+                Err(BackendError::LeaseLost)
+            }
+            // Whether it ran is unknown: dropping the lease sends a release, which is harmless
+            // if it did.
+            Ok(other) => Err(RedisError::UnexpectedReply {
+                command: "commit and release",
+                reply: format!("{:?}", other.kind()),
+            }
+            .into()),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
 impl BackendLease for RedisLease {
     async fn load(&mut self) -> Result<Option<StoredRecord>, BackendError> {
         Ok(match &self.stored {
@@ -751,6 +846,40 @@ impl BackendLease for RedisLease {
             .await?;
         self.stored = None;
         Ok(())
+    }
+
+    /// One round trip: the write and the release in one script.
+    async fn commit_and_release(
+        mut self,
+        value: &[u8],
+        expires_at: SystemTime,
+    ) -> Result<(), BackendError> {
+        let max = self.holding.inner.max_value_len;
+        if value.len() > max {
+            self.release().await;
+            return Err(BackendError::TooLarge {
+                len: value.len(),
+                max,
+            });
+        }
+        match expires_at.duration_since(SystemTime::now()) {
+            Ok(ttl) if !ttl.is_zero() => {
+                let stored = record::encode(value, expires_at);
+                self.finish(vec![
+                    Value::from("1"),
+                    Value::Bytes(stored.into()),
+                    Value::from(millis(ttl)),
+                ])
+                .await
+            }
+            // Already expired: what is left to store is nothing.
+            _ => self.finish(vec![Value::from("0")]).await,
+        }
+    }
+
+    /// One round trip: the removal and the release in one script.
+    async fn remove_and_release(mut self) -> Result<(), BackendError> {
+        self.finish(vec![Value::from("0")]).await
     }
 
     async fn release(mut self) {

@@ -34,21 +34,24 @@ impl SessionKeys {
     }
 
     /// The keys of a script run for the lease token `token`, in the order the scripts expect
-    /// them: the lease, the generation counter, the record and the token's cancel marker
-    /// (`{prefix}{<hash>}:cancelled:<token>`, in the same slot).
+    /// them: the lease, the generation counter, the record, the token's cancel marker
+    /// (`{prefix}{<hash>}:cancelled:<token>`) and the flag saying that someone waits
+    /// (`{prefix}{<hash>}:waiting`), all in the same slot.
     pub(crate) fn for_token(&self, token: &str) -> Vec<String> {
         vec![
             self.lease.clone(),
             self.generation.clone(),
             self.record.clone(),
             format!("{}:cancelled:{token}", self.record),
+            format!("{}:waiting", self.record),
         ]
     }
-}
 
-/// The channel every release is published on, with the session's hash as the message.
-pub(crate) fn release_channel(prefix: &str) -> String {
-    format!("{prefix}released")
+    /// The session's shard channel, on which a release publishes the hash when someone waits
+    /// (in the session's slot, like its keys).
+    pub(crate) fn release_channel(&self) -> String {
+        format!("{}:released", self.record)
+    }
 }
 
 #[cfg(test)]

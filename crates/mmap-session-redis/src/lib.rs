@@ -20,10 +20,12 @@
 //! Taking, committing under, removing under and releasing a lease are Lua scripts, each atomic on
 //! the server; commit, remove and release check the holder's token first, so a holder whose lease
 //! expired and was taken over writes nothing
-//! ([`BackendError::LeaseLost`](mmap_session::BackendError::LeaseLost)). A release publishes the
-//! session's hash on `{prefix}released`; waiters in every process are subscribed and try again at
-//! once. Polling with back-off (and at the moment a held lease expires) is only the fallback for a
-//! lost message.
+//! ([`BackendError::LeaseLost`](mmap_session::BackendError::LeaseLost)). A changing request ends
+//! with one script that writes and releases (two round trips per changing request, with the
+//! acquire). The requests of one process take turns per session in arrival order; the one whose
+//! turn it is and who finds the lease held flags the session as waited for (`…:waiting`) and
+//! subscribes to its shard channel (`…:released`); a release publishes there (`SPUBLISH`) only
+//! when the flag is set. Trying again when the held lease's TTL runs out is the only fallback.
 //!
 //! # Limits
 //!
@@ -36,7 +38,8 @@
 //!   holder that cannot renew in time (a pause or a network cut longer than the TTL) loses the
 //!   lease, and its commit is refused.
 //! - A lease is only as good as Redis's clock: the lease TTL runs on the server.
-//! - One Redis server (or primary) is assumed; a Redis Cluster is not supported.
+//! - One Redis server (or primary) is assumed; a Redis Cluster is not supported. Redis 7 or later
+//!   is needed (sharded pub/sub).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -2,7 +2,8 @@
 //!
 //! Every script gets the session's keys in the order of [`SessionKeys::for_token`]: `KEYS[1]` the
 //! lease, `KEYS[2]` the generation counter, `KEYS[3]` the record, `KEYS[4]` the cancel marker of
-//! the caller's token. A lease's value is `<token>:<generation>`, the token being 128 random bits
+//! the caller's token, `KEYS[5]` the flag saying that someone waits for the lease (set by an
+//! acquire that finds it held; a release publishes only when it is set, and clears it). A lease's value is `<token>:<generation>`, the token being 128 random bits
 //! drawn for one taking of the lease.
 //!
 //! # Idempotent per token
@@ -19,7 +20,8 @@
 //! - commit, remove, renew and release check that the lease holds the caller's token (compare and
 //!   set, compare and delete), so a late copy writes nothing once the lease has moved on; commit
 //!   writes the same bytes again, remove deletes again, release of a lease no longer held is a
-//!   no-op.
+//!   no-op, and commit-and-release run again after it released answers "done" (the generation
+//!   counter notes the token of the last release).
 //!
 //! [`SessionKeys::for_token`]: crate::keys::SessionKeys::for_token
 
@@ -28,7 +30,7 @@ use fred::types::scripts::Script;
 /// Takes the lease if it is free (or already the caller's).
 ///
 /// `ARGV`: token, lease TTL (ms), life of the generation counter (ms), `1` to take it only if the
-/// record exists (`0` otherwise).
+/// record exists (`0` otherwise), life of the "someone waits" flag (ms).
 ///
 /// Returns `{3}` when the caller's taking was cancelled before this ran (nothing is taken), `{2}`
 /// when the record was asked to exist and does not (nothing is taken), `{0, pttl}` when someone
@@ -47,6 +49,7 @@ if held then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {1, tonumber(string.sub(held, string.len(mine) + 1)), 0, redis.call('GET', KEYS[3])}
   end
+  redis.call('SET', KEYS[5], '1', 'PX', ARGV[5])
   return {0, redis.call('PTTL', KEYS[1])}
 end
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
@@ -109,28 +112,65 @@ return 1
 "
 );
 
-/// Gives the lease back if the caller still holds it, notes its generation as released and
-/// publishes the release so that waiters try at once. With `ARGV[2] == '1'` (a taking that was
-/// cancelled or failed), first leaves the cancel marker of the token for `ARGV[3]` ms, so that the
-/// acquire, if it has not run yet, takes nothing when it does.
+/// The end of every release: deletes the lease held in `held` by the token `ARGV[1]`, notes its
+/// generation and token as the last released, and, if someone waits, clears the flag and
+/// publishes the session's hash on its shard channel (`ARGV[4]`: channel, `ARGV[5]`: hash).
+macro_rules! release_held {
+    () => {
+        r"
+redis.call('DEL', KEYS[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'released', string.sub(held, string.len(ARGV[1]) + 2), 'by', ARGV[1])
+end
+if redis.call('DEL', KEYS[5]) == 1 then
+  redis.call('SPUBLISH', ARGV[4], ARGV[5])
+end
+return 1
+"
+    };
+}
+
+/// Gives the lease back if the caller still holds it (see `release_held!`). With `ARGV[2] == '1'`
+/// (a taking that was cancelled or failed), first leaves the cancel marker of the token for
+/// `ARGV[3]` ms, so that the acquire, if it has not run yet, takes nothing when it does.
 ///
-/// `ARGV`: the holder's token, the cancel flag, the marker's life (ms), the release channel, the
+/// `ARGV`: the holder's token, the cancel flag, the marker's life (ms), the session's channel, the
 /// session's hash. Returns 1 if released, 0 if the lease was not the caller's (any more).
-const RELEASE: &str = r"
+const RELEASE: &str = concat!(
+    r"
 if ARGV[2] == '1' then
   redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
 end
 local held = redis.call('GET', KEYS[1])
 if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then
   return 0
+end",
+    release_held!()
+);
+
+/// Writes (`ARGV[2] == '1'`: the record `ARGV[6]` with a time to live of `ARGV[7]` ms) or deletes
+/// (`'0'`) the record and gives the lease back, in one step, if the caller still holds the lease.
+/// Run again after it succeeded (its reply lost), it finds the caller's token noted as the last
+/// released and answers 1 without writing.
+///
+/// `ARGV`: the holder's token, the write flag, unused, the session's channel, the session's hash,
+/// the record, its TTL. Returns 1 if done, 0 if the lease was lost (nothing written).
+const COMMIT_RELEASE: &str = concat!(
+    r"
+local held = redis.call('GET', KEYS[1])
+if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then
+  if redis.call('HGET', KEYS[2], 'by') == ARGV[1] then
+    return 1
+  end
+  return 0
 end
-redis.call('DEL', KEYS[1])
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('HSET', KEYS[2], 'released', string.sub(held, string.len(ARGV[1]) + 2))
-end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return 1
-";
+if ARGV[2] == '1' then
+  redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7])
+else
+  redis.call('DEL', KEYS[3])
+end",
+    release_held!()
+);
 
 /// The scripts, with their SHA-1 digests (sent with `EVALSHA`, loaded on `NOSCRIPT`).
 #[derive(Debug)]
@@ -140,6 +180,7 @@ pub(crate) struct Scripts {
     pub(crate) commit: Script,
     pub(crate) remove: Script,
     pub(crate) release: Script,
+    pub(crate) commit_release: Script,
 }
 
 impl Scripts {
@@ -150,10 +191,12 @@ impl Scripts {
             commit: Script::from_lua(COMMIT),
             remove: Script::from_lua(REMOVE),
             release: Script::from_lua(RELEASE),
+            commit_release: Script::from_lua(COMMIT_RELEASE),
         }
     }
 
-    /// The script called `name` (`acquire`, `renew`, `commit`, `remove`, `release`).
+    /// The script called `name` (`acquire`, `renew`, `commit`, `remove`, `release`,
+    /// `commit_release`).
     #[cfg(feature = "test-server")]
     pub(crate) fn named(&self, name: &str) -> Option<&Script> {
         Some(match name {
@@ -162,6 +205,7 @@ impl Scripts {
             "commit" => &self.commit,
             "remove" => &self.remove,
             "release" => &self.release,
+            "commit_release" => &self.commit_release,
             _ => return None,
         })
     }

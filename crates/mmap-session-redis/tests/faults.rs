@@ -46,6 +46,8 @@ async fn start(
     lease.commit(b"w", in_an_hour()).await.unwrap();
     lease.remove().await.unwrap();
     lease.release().await;
+    let lease = backend.lease(b"warm-up", soon(5000)).await.unwrap();
+    lease.remove_and_release().await.unwrap();
     (server, proxy, backend)
 }
 
@@ -152,6 +154,42 @@ async fn a_commit_cut_off_mid_script_is_written_once_and_the_lease_kept() {
             backend.get_unleased(b"k").await.unwrap().unwrap().value,
             b"v2"
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_commit_and_release_whose_reply_was_lost_is_answered_done_when_sent_again() {
+    bounded(async {
+        let (_server, proxy, backend) = start(|config| config).await;
+        let lost = proxy.on_script(Fault::DropReply, 1, &sha("commit_release"));
+        let lease = backend.lease(b"k", soon(1000)).await.unwrap();
+        // It runs (writes and releases), its reply is lost, and it is sent again: the second run
+        // finds the lease gone but released by this token, and answers "done", not "lost".
+        lease.commit_and_release(b"v", in_an_hour()).await.unwrap();
+        lost.completed(1).await;
+        assert_eq!(
+            backend.get_unleased(b"k").await.unwrap().unwrap().value,
+            b"v"
+        );
+        assert_free(&backend, b"k").await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_commit_and_release_cut_off_before_it_ran_is_sent_again_and_done() {
+    bounded(async {
+        let (_server, proxy, backend) = start(|config| config).await;
+        let cut = proxy.on_script(Fault::CutBefore, 1, &sha("commit_release"));
+        let lease = backend.lease(b"k", soon(1000)).await.unwrap();
+        lease.commit_and_release(b"v", in_an_hour()).await.unwrap();
+        cut.completed(1).await;
+        assert_eq!(
+            backend.get_unleased(b"k").await.unwrap().unwrap().value,
+            b"v"
+        );
+        assert_free(&backend, b"k").await;
     })
     .await;
 }

@@ -4,17 +4,14 @@
 //! backend serves again once Redis is back, without a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use axum::routing::get;
-use axum::Router;
-use mmap_session::{Session, SessionError, SessionLayer};
+use common::{bounded, Reply};
 use mmap_session_redis::fault_proxy::{FaultProxy, Mode};
 use mmap_session_redis::test_server::RedisServer;
 use mmap_session_redis::RedisConfig;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
 
 /// How long the layer lets a request wait for a session's lease.
 const LEASE_WAIT: Duration = Duration::from_secs(2);
@@ -24,62 +21,14 @@ const FAST: Duration = Duration::from_millis(500);
 /// second apart).
 const RECOVERY: Duration = Duration::from_secs(15);
 
-async fn bounded<F: Future>(body: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(90), body)
-        .await
-        .expect("the test did not finish within 90 s")
-}
-
-async fn count(session: Session) -> Result<String, SessionError> {
-    let n: u64 = session.get("n").await?.unwrap_or(0) + 1;
-    session.insert("n", n).await?;
-    Ok(n.to_string())
-}
-
 /// The counter app on a free port, its sessions in Redis through `proxy`.
 async fn serve(proxy: &FaultProxy) -> u16 {
     let backend = RedisConfig::new(proxy.url()).connect().await.unwrap();
-    let app = Router::new()
-        .route("/", get(count))
-        .layer(SessionLayer::new(backend).lease_wait(LEASE_WAIT));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    port
+    common::serve(backend, LEASE_WAIT).await
 }
 
-/// A response: its status, its body and the session cookie it set, if any.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    body: String,
-    cookie: Option<String>,
-}
-
-/// One `GET /` over a fresh connection, with `cookie` if given.
 async fn request(port: u16, cookie: Option<&str>) -> Reply {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let cookie = cookie.map_or(String::new(), |cookie| format!("Cookie: {cookie}\r\n"));
-    let text = format!("GET / HTTP/1.1\r\nHost: test\r\n{cookie}Connection: close\r\n\r\n");
-    stream.write_all(text.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let raw = String::from_utf8_lossy(&raw);
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap();
-    let cookie = head.lines().find_map(|line| {
-        let value = line.strip_prefix("set-cookie: ")?;
-        Some(value.split(';').next()?.to_owned())
-    });
-    Reply {
-        status,
-        body: body.to_owned(),
-        cookie,
-    }
+    common::request(port, "/", cookie).await
 }
 
 /// A request that needs the session while Redis is away: a 503, answered within `within`.
@@ -110,7 +59,7 @@ async fn until_served(port: u16, cookie: Option<&str>) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_refuses_connections_gives_fast_503s_and_the_backend_recovers() {
-    bounded(async {
+    bounded(Duration::from_secs(90), async {
         let server = RedisServer::start().unwrap();
         let proxy = FaultProxy::start(server.port()).await.unwrap();
         let port = serve(&proxy).await;
@@ -131,7 +80,7 @@ async fn a_redis_that_refuses_connections_gives_fast_503s_and_the_backend_recove
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_stops_answering_gives_503s_within_lease_wait_and_the_backend_recovers() {
-    bounded(async {
+    bounded(Duration::from_secs(90), async {
         let server = RedisServer::start().unwrap();
         let proxy = FaultProxy::start(server.port()).await.unwrap();
         let port = serve(&proxy).await;
@@ -152,7 +101,7 @@ async fn a_redis_that_stops_answering_gives_503s_within_lease_wait_and_the_backe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_gives_fast_503s_and_the_backend_serves_the_new_server() {
-    bounded(async {
+    bounded(Duration::from_secs(90), async {
         let server = RedisServer::start().unwrap();
         let proxy = FaultProxy::start(server.port()).await.unwrap();
         let port = serve(&proxy).await;

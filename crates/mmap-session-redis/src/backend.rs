@@ -207,7 +207,10 @@ impl Inner {
         args: Vec<Value>,
         budget: Duration,
     ) -> Result<Value, RedisError> {
-        // EVALSHA sha numkeys key...: the first key, which fixes the slot, is the third argument.
+        // Every key of a script is in the session's slot (one hash tag): the first one names it.
+        let slot = keys
+            .first()
+            .map_or(0, |key| fred::util::redis_keyslot(key.as_bytes()));
         let mut all: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
         all.push(Value::from(script.sha1().clone()));
         all.push(Value::from(i64::try_from(keys.len()).unwrap_or(i64::MAX)));
@@ -216,7 +219,7 @@ impl Inner {
         self.connections
             .send(
                 command,
-                CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false),
+                CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false),
                 all,
                 Some(script),
                 budget,

@@ -38,8 +38,10 @@
 //!   holder that cannot renew in time (a pause or a network cut longer than the TTL) loses the
 //!   lease, and its commit is refused.
 //! - A lease is only as good as Redis's clock: the lease TTL runs on the server.
-//! - One Redis server (or primary) is assumed; a Redis Cluster is not supported. Redis 7 or later
-//!   is needed (sharded pub/sub).
+//! - A Redis Cluster is supported (a `redis-cluster://` URL): each session's keys and channel
+//!   share one hash tag, so its scripts run on one primary. Replication is asynchronous: a
+//!   primary that crashes can take recent writes (and leases) with it. Redis 7 or later is needed
+//!   (sharded pub/sub).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -13,7 +13,6 @@ use fred::types::config::UnresponsiveConfig;
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
 use mmap_session::{BackendError, BackendLease, SessionBackend, StoredRecord};
-use tokio::sync::OwnedMutexGuard;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::config::{redacted, RedisConfig};
@@ -21,7 +20,7 @@ use crate::connections::Connections;
 use crate::keys::SessionKeys;
 use crate::record;
 use crate::scripts::Scripts;
-use crate::wake::{self, Waiters, Waiting};
+use crate::wake::{self, TurnGuard, Waiters};
 use crate::RedisError;
 
 /// How long a waiter waits before trying again when the held lease has no TTL (which only
@@ -402,13 +401,35 @@ struct Holding {
 }
 
 /// A turn at a session in this process, while its lease is held.
-type TurnSlot = std::sync::Mutex<Option<(OwnedMutexGuard<()>, Waiting)>>;
+type TurnSlot = std::sync::Mutex<Option<TurnGuard>>;
 
 /// Takes the turn out of `slot`, to give it back.
-fn take_turn(slot: &TurnSlot) -> Option<(OwnedMutexGuard<()>, Waiting)> {
+fn take_turn(slot: &TurnSlot) -> Option<TurnGuard> {
     slot.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take()
+}
+
+fn turn_slot(turn: Option<TurnGuard>) -> Arc<TurnSlot> {
+    Arc::new(std::sync::Mutex::new(turn))
+}
+
+/// A lease handed from a request that finished to the next request of the same process, without
+/// a release and a new acquire: its token keeps holding it in Redis (with the same generation).
+/// Dropped without being taken, it is released.
+pub(crate) struct Handover {
+    holding: Holding,
+    generation: u64,
+    stored: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for Handover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handover")
+            .field("key", &self.holding.keys.short())
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Holding {
@@ -440,6 +461,15 @@ impl Holding {
     }
 }
 
+impl Handover {
+    /// Releases the handed-over lease (nobody took it).
+    async fn release(mut self) {
+        if let Some(task) = self.holding.start_release() {
+            let _ = task.await;
+        }
+    }
+}
+
 impl Drop for Holding {
     fn drop(&mut self) {
         drop(self.start_release());
@@ -449,8 +479,9 @@ impl Drop for Holding {
 /// The lease watchdog: renews the lease of `token` every third of the lease TTL, for as long as
 /// its holder keeps it and at most until `lease_timeout` after `taken` (the last renewal ends it
 /// exactly then). A renewal that finds the lease gone or someone else's sets `lost`, which ends
-/// the holder's right to write; either way the holder's turn in this process is given back; one that fails to reach Redis is tried again at the next tick
-/// (the scripts' token check fences any write made after the lease lapsed).
+/// the holder's right to write; either way (lost, or past the time-out) the holder's turn in this
+/// process is given back. A renewal that fails to reach Redis is tried again at the next tick (the
+/// scripts' token check fences any write made after the lease lapsed).
 async fn renew_while_held(
     inner: Arc<Inner>,
     keys: SessionKeys,
@@ -521,14 +552,17 @@ impl RedisBackend {
         let keys = SessionKeys::new(&inner.prefix, key);
         let token = new_token()?;
         let waiting = inner.waiters.register(&keys.hash);
-        // The requests of this process take turns, in arrival order; only the one whose turn it
-        // is talks to Redis.
-        let turn =
-            tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), waiting.turn())
-                .await
-                .map_err(|_| BackendError::LeaseTimeout)?;
         let notify = Arc::clone(&waiting.notify);
-        let mut turn = Some((turn, waiting));
+        // The requests of this process take turns, in arrival order; only the one whose turn it
+        // is talks to Redis, and a finishing one may hand its lease over.
+        let (turn, handed) = waiting
+            .turn(tokio::time::Instant::from_std(deadline))
+            .await
+            .map_err(|()| BackendError::LeaseTimeout)?;
+        if let Some(handover) = handed {
+            return Ok(self.adopt(handover, turn, only_existing));
+        }
+        let mut turn = Some(turn);
         let mut subscribed = false;
         loop {
             // Registered before the try, so that a release right after it is not missed.
@@ -543,7 +577,7 @@ impl RedisBackend {
                 armed: true,
                 confirmed: false,
                 watchdog: None,
-                turn: Arc::new(std::sync::Mutex::new(None)),
+                turn: turn_slot(None),
             };
             let sent = Instant::now();
             let budget = deadline
@@ -573,7 +607,7 @@ impl RedisBackend {
                     stored,
                 } => {
                     holding.confirmed = true;
-                    holding.turn = Arc::new(std::sync::Mutex::new(turn.take()));
+                    holding.turn = turn_slot(turn.take());
                     if overdue && generation > 1 {
                         tracing::warn!(key = keys.short(), generation, "{TAKEOVER}");
                     }
@@ -606,8 +640,8 @@ impl RedisBackend {
                 // Subscribed to the session's releases, then tried again at once: a release
                 // between the try and the subscription is seen by the new try.
                 subscribed = true;
-                if let Some((_, waiting)) = &turn {
-                    waiting.subscribe(&keys).await;
+                if let Some(turn) = &turn {
+                    turn.waiting().subscribe(&keys).await;
                 }
                 continue;
             }
@@ -628,6 +662,45 @@ impl RedisBackend {
                 () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+}
+
+impl RedisBackend {
+    /// Makes a lease handed over by the previous request of this process this request's.
+    fn adopt(
+        &self,
+        handover: Handover,
+        turn: TurnGuard,
+        only_existing: bool,
+    ) -> Option<RedisLease> {
+        let Handover {
+            mut holding,
+            generation,
+            stored,
+        } = handover;
+        holding.turn = turn_slot(Some(turn));
+        if only_existing && stored.is_none() {
+            // Released (then the turn given on) when dropped.
+            return None;
+        }
+        let lost = Arc::new(AtomicBool::new(false));
+        holding.watchdog = Some(
+            tokio::spawn(renew_while_held(
+                Arc::clone(&self.inner),
+                holding.keys.clone(),
+                holding.token.clone(),
+                Instant::now(),
+                Arc::clone(&lost),
+                Arc::clone(&holding.turn),
+            ))
+            .abort_handle(),
+        );
+        Some(RedisLease {
+            holding,
+            generation,
+            stored,
+            lost,
+        })
     }
 }
 
@@ -746,6 +819,89 @@ impl RedisLease {
 }
 
 impl RedisLease {
+    /// Writes `stored` and hands the lease to the next request of this process waiting for the
+    /// session, in one round trip, unless a request of another process waits too: then the
+    /// script releases it to them (and the next request here takes its turn at Redis).
+    async fn commit_and_hand_over(
+        mut self,
+        stored: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(BackendError::LeaseLost);
+        }
+        let holding = &mut self.holding;
+        if let Some(watchdog) = holding.watchdog.take() {
+            watchdog.abort();
+        }
+        let inner = Arc::clone(&holding.inner);
+        let args = vec![
+            Value::from(holding.token.as_str()),
+            Value::Bytes(stored.clone().into()),
+            Value::from(millis(ttl)),
+            Value::from(holding.keys.release_channel()),
+            Value::from(holding.keys.hash.as_str()),
+            Value::from(millis(inner.lease_ttl)),
+        ];
+        let reply = inner
+            .run(
+                &inner.scripts.commit_keep,
+                "commit and hand over",
+                holding.keys.for_token(&holding.token),
+                args,
+                inner.command_timeout,
+            )
+            .await?;
+        match reply {
+            Value::Integer(1) => {
+                // Kept: the lease goes to the next request with the token, as it stands.
+                holding.armed = false;
+                let handover = Handover {
+                    holding: Holding {
+                        inner: Arc::clone(&inner),
+                        keys: holding.keys.clone(),
+                        token: holding.token.clone(),
+                        armed: true,
+                        confirmed: true,
+                        watchdog: None,
+                        turn: turn_slot(None),
+                    },
+                    generation: self.generation,
+                    stored: Some(stored),
+                };
+                match take_turn(&holding.turn) {
+                    Some(turn) => {
+                        if let Some(back) = turn.hand_over(handover) {
+                            // The next one went away meanwhile: release after all.
+                            back.release().await;
+                        }
+                    }
+                    None => handover.release().await,
+                }
+                Ok(())
+            }
+            Value::Integer(2) => {
+                // Released to a request of another process; the turn goes on when dropped.
+                holding.armed = false;
+                Ok(())
+            }
+            Value::Integer(0) => {
+                holding.armed = false;
+                tracing::warn!(
+                    key = holding.keys.short(),
+                    generation = self.generation,
+                    "the session's lease expired before the write; nothing was written"
+                );
+                Err(BackendError::LeaseLost)
+            }
+            other => Err(RedisError::UnexpectedReply {
+                command: "commit and hand over",
+                reply: format!("{:?}", other.kind()),
+            }
+            .into()),
+        }
+    }
+
     /// Runs the commit-and-release script with `write` (the write flag, then the record and its
     /// TTL when it writes), and ends the lease whatever the outcome.
     async fn finish(&mut self, write: Vec<Value>) -> Result<(), BackendError> {
@@ -868,6 +1024,10 @@ impl BackendLease for RedisLease {
         match expires_at.duration_since(SystemTime::now()) {
             Ok(ttl) if !ttl.is_zero() => {
                 let stored = record::encode(value, expires_at);
+                let inner = &self.holding.inner;
+                if inner.waiters.has_queued(&self.holding.keys.hash) {
+                    return self.commit_and_hand_over(stored, ttl).await;
+                }
                 self.finish(vec![
                     Value::from("1"),
                     Value::Bytes(stored.into()),

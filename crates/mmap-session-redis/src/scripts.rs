@@ -112,9 +112,9 @@ return 1
 "
 );
 
-/// The end of every release: deletes the lease held in `held` by the token `ARGV[1]`, notes its
-/// generation and token as the last released, and, if someone waits, clears the flag and
-/// publishes the session's hash on its shard channel (`ARGV[4]`: channel, `ARGV[5]`: hash).
+/// Every release: deletes the lease held in `held` by the token `ARGV[1]`, notes its generation
+/// and token as the last released, and, if someone waits, clears the flag and publishes the
+/// session's hash on its shard channel (`ARGV[4]`: channel, `ARGV[5]`: hash).
 macro_rules! release_held {
     () => {
         r"
@@ -125,7 +125,6 @@ end
 if redis.call('DEL', KEYS[5]) == 1 then
   redis.call('SPUBLISH', ARGV[4], ARGV[5])
 end
-return 1
 "
     };
 }
@@ -145,7 +144,8 @@ local held = redis.call('GET', KEYS[1])
 if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then
   return 0
 end",
-    release_held!()
+    release_held!(),
+    "return 1"
 );
 
 /// Writes (`ARGV[2] == '1'`: the record `ARGV[6]` with a time to live of `ARGV[7]` ms) or deletes
@@ -169,7 +169,35 @@ if ARGV[2] == '1' then
 else
   redis.call('DEL', KEYS[3])
 end",
-    release_held!()
+    release_held!(),
+    "return 1"
+);
+
+/// Writes the record `ARGV[2]` with a time to live of `ARGV[3]` ms, if the caller still holds the
+/// lease, and keeps the lease for the next request of the caller's process (its TTL set to
+/// `ARGV[6]` ms) unless someone else waits for it: then it releases it as
+/// `COMMIT_RELEASE` does, so that a process whose requests follow each other does not keep a
+/// session from the others. Run again after it released, it answers 2 without writing.
+///
+/// `ARGV`: the holder's token, the record, its TTL, the session's channel, the session's hash, the
+/// lease TTL. Returns 1 if written and kept, 2 if written and released, 0 if the lease was lost
+/// (nothing written).
+const COMMIT_KEEP: &str = concat!(
+    r"
+local held = redis.call('GET', KEYS[1])
+if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then
+  if redis.call('HGET', KEYS[2], 'by') == ARGV[1] then
+    return 2
+  end
+  return 0
+end
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+if redis.call('EXISTS', KEYS[5]) == 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  return 1
+end",
+    release_held!(),
+    "return 2"
 );
 
 /// The scripts, with their SHA-1 digests (sent with `EVALSHA`, loaded on `NOSCRIPT`).
@@ -181,6 +209,7 @@ pub(crate) struct Scripts {
     pub(crate) remove: Script,
     pub(crate) release: Script,
     pub(crate) commit_release: Script,
+    pub(crate) commit_keep: Script,
 }
 
 impl Scripts {
@@ -192,11 +221,12 @@ impl Scripts {
             remove: Script::from_lua(REMOVE),
             release: Script::from_lua(RELEASE),
             commit_release: Script::from_lua(COMMIT_RELEASE),
+            commit_keep: Script::from_lua(COMMIT_KEEP),
         }
     }
 
     /// The script called `name` (`acquire`, `renew`, `commit`, `remove`, `release`,
-    /// `commit_release`).
+    /// `commit_release`, `commit_keep`).
     #[cfg(feature = "test-server")]
     pub(crate) fn named(&self, name: &str) -> Option<&Script> {
         Some(match name {
@@ -206,6 +236,7 @@ impl Scripts {
             "remove" => &self.remove,
             "release" => &self.release,
             "commit_release" => &self.commit_release,
+            "commit_keep" => &self.commit_keep,
             _ => return None,
         })
     }

@@ -3,10 +3,11 @@
 //! session's own shard channel (`SSUBSCRIBE`), which a release publishes only when someone waits.
 //!
 //! - **Turns in arrival order.** Each session that requests of this process use has an entry
-//!   with a fair (first in, first out) async mutex: a request takes its turn before it tries the
-//!   lease in Redis and gives it back after releasing the lease. So at most one request per
-//!   process per session talks to Redis, newcomers of this process never overtake earlier ones,
-//!   and the next one in line tries at once when the lease is released.
+//!   with a queue (first in, first out): a request takes its turn before it tries the lease in
+//!   Redis and gives it back after releasing the lease. So at most one request per process per
+//!   session talks to Redis, and newcomers of this process never overtake earlier ones. When the
+//!   holder finishes with the next request already in line, it hands the lease over (see
+//!   [`Handover`]): its commit keeps the lease, and the next one goes on without an acquire.
 //! - **Per-session channels.** The request whose turn it is and who finds the lease held
 //!   subscribes to the session's channel (`{prefix}{<hash>}:released`, in the session's slot) and
 //!   tries again; a release that finds the session's "someone waits" flag publishes the hash on
@@ -15,7 +16,7 @@
 //! - **Fallback.** A message lost to a reconnection is made up for by trying again when the
 //!   held lease's TTL runs out, and at most every 250 ms.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use fred::clients::SubscriberClient;
@@ -23,8 +24,9 @@ use fred::interfaces::PubsubInterface as _;
 use fred::prelude::EventInterface as _;
 use fred::types::Message;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{mpsc, oneshot, Notify, OwnedMutexGuard};
+use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::backend::Handover;
 use crate::keys::SessionKeys;
 
 /// The sessions that requests of this process use, by hash.
@@ -38,7 +40,10 @@ pub(crate) struct Waiters {
 #[derive(Debug)]
 struct Entry {
     notify: Arc<Notify>,
-    turn: Arc<tokio::sync::Mutex<()>>,
+    /// Whether a request of this process has its turn (holds or is taking the lease).
+    busy: bool,
+    /// The requests waiting for their turn, in arrival order.
+    queue: VecDeque<oneshot::Sender<Turn>>,
     /// How many [`Waiting`] guards use the entry; it goes when the last one does.
     users: usize,
     /// The channel, once a subscription to it has been asked for.
@@ -87,16 +92,49 @@ impl Waiters {
         let mut map = self.by_hash.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = map.entry(hash.to_owned()).or_insert_with(|| Entry {
             notify: Arc::new(Notify::new()),
-            turn: Arc::new(tokio::sync::Mutex::new(())),
+            busy: false,
+            queue: VecDeque::new(),
             users: 0,
             subscribed: None,
         });
         entry.users += 1;
         Waiting {
             notify: Arc::clone(&entry.notify),
-            turn: Arc::clone(&entry.turn),
             hash: hash.to_owned(),
             waiters: Arc::clone(self),
+        }
+    }
+
+    /// Whether a request of this process waits for its turn at `hash`.
+    pub(crate) fn has_queued(&self, hash: &str) -> bool {
+        let map = self.by_hash.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(hash)
+            .is_some_and(|entry| entry.queue.iter().any(|waiter| !waiter.is_closed()))
+    }
+
+    /// Gives the turn at `hash` to the next request waiting for it, with `handover` if given;
+    /// with nobody waiting, the session is free in this process. The hand-over comes back when
+    /// nobody took it.
+    fn pass(&self, hash: &str, handover: Option<Handover>) -> Option<Handover> {
+        let mut map = self.by_hash.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(entry) = map.get_mut(hash) else {
+            return handover;
+        };
+        let mut turn = match handover {
+            Some(handover) => Turn::Handed(handover),
+            None => Turn::Yours,
+        };
+        while let Some(next) = entry.queue.pop_front() {
+            match next.send(turn) {
+                Ok(()) => return None,
+                // It went away (its deadline passed or its request was dropped): the next one.
+                Err(back) => turn = back,
+            }
+        }
+        entry.busy = false;
+        match turn {
+            Turn::Handed(handover) => Some(handover),
+            Turn::Yours => None,
         }
     }
 
@@ -117,19 +155,127 @@ impl Waiters {
     }
 }
 
+/// What a request gets when its turn comes.
+#[derive(Debug)]
+enum Turn {
+    /// Take the lease from Redis.
+    Yours,
+    /// The lease, already held.
+    Handed(Handover),
+}
+
+/// A request waiting for its turn. Dropped before it got it (its request went away), it passes
+/// on a turn that came meanwhile: the session must never stay busy for nobody.
+struct Pending {
+    receiver: oneshot::Receiver<Turn>,
+    waiters: Arc<Waiters>,
+    hash: String,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.receiver.close();
+        match self.receiver.try_recv() {
+            Ok(Turn::Yours) => {
+                self.waiters.pass(&self.hash, None);
+            }
+            // Passed on, or released (by dropping it) if nobody waits any more.
+            Ok(Turn::Handed(handover)) => drop(self.waiters.pass(&self.hash, Some(handover))),
+            Err(_) => {}
+        }
+    }
+}
+
+/// A request's turn at a session in this process: given to the next request when dropped.
+#[derive(Debug)]
+pub(crate) struct TurnGuard {
+    waiting: Waiting,
+    passed: bool,
+}
+
+impl TurnGuard {
+    /// Gives the turn to the next request with `handover`; back if nobody took it.
+    pub(crate) fn hand_over(mut self, handover: Handover) -> Option<Handover> {
+        self.passed = true;
+        self.waiting
+            .waiters
+            .pass(&self.waiting.hash, Some(handover))
+    }
+
+    /// The registration this turn belongs to.
+    pub(crate) fn waiting(&self) -> &Waiting {
+        &self.waiting
+    }
+}
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        if !self.passed {
+            self.waiting.waiters.pass(&self.waiting.hash, None);
+        }
+    }
+}
+
 /// A request's interest in one session: its place in the session's turns, and the wake-ups.
 #[derive(Debug)]
 pub(crate) struct Waiting {
     pub(crate) notify: Arc<Notify>,
-    turn: Arc<tokio::sync::Mutex<()>>,
     hash: String,
     waiters: Arc<Waiters>,
 }
 
 impl Waiting {
-    /// Waits for this request's turn at the session (first come, first served in this process).
-    pub(crate) async fn turn(&self) -> OwnedMutexGuard<()> {
-        Arc::clone(&self.turn).lock_owned().await
+    /// Waits (until `deadline`) for this request's turn at the session, first come first served
+    /// in this process: `Ok((turn, None))` to take the lease from Redis, `Ok((turn, Some(_)))`
+    /// with the lease handed over by the previous holder, `Err(())` when the deadline passed.
+    pub(crate) async fn turn(
+        self,
+        deadline: tokio::time::Instant,
+    ) -> Result<(TurnGuard, Option<Handover>), ()> {
+        let waiting = {
+            let mut map = self
+                .waiters
+                .by_hash
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match map.get_mut(&self.hash) {
+                Some(entry) if entry.busy => {
+                    let (sender, receiver) = oneshot::channel();
+                    entry.queue.push_back(sender);
+                    Some(receiver)
+                }
+                Some(entry) => {
+                    entry.busy = true;
+                    None
+                }
+                None => None,
+            }
+        };
+        let guard = |waiting| TurnGuard {
+            waiting,
+            passed: false,
+        };
+        let Some(receiver) = waiting else {
+            return Ok((guard(self), None));
+        };
+        let mut pending = Pending {
+            receiver,
+            waiters: Arc::clone(&self.waiters),
+            hash: self.hash.clone(),
+        };
+        let turn = tokio::select! {
+            turn = &mut pending.receiver => turn.ok(),
+            () = tokio::time::sleep_until(deadline) => {
+                // A turn given just now is taken all the same.
+                pending.receiver.close();
+                pending.receiver.try_recv().ok()
+            }
+        };
+        match turn {
+            Some(Turn::Yours) => Ok((guard(self), None)),
+            Some(Turn::Handed(handover)) => Ok((guard(self), Some(handover))),
+            None => Err(()),
+        }
     }
 
     /// Subscribes to the session's release channel, once per session while requests of this

@@ -197,3 +197,50 @@ async fn sixty_four_requests_on_one_session_from_two_processes_lose_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_next_request_of_the_same_process_takes_the_lease_over_without_an_acquire() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.port()).await.unwrap();
+        let backend = RedisBackend::connect(&proxy.url()).await.unwrap();
+        // Loads the acquire script (a first EVALSHA is answered NOSCRIPT and sent again).
+        let warm = backend.lease(b"warm-up", soon(1000)).await.unwrap();
+        warm.release().await;
+        let acquires =
+            proxy.on_script(Fault::Observe, usize::MAX, &script_sha1("acquire").unwrap());
+        let held = backend.lease(b"k", soon(1000)).await.unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let backend = backend.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lease = backend.lease(b"k", soon(30_000)).await.unwrap();
+                let n: u64 = String::from_utf8(lease.load().await.unwrap().unwrap().value)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                lease
+                    .commit_and_release((n + 1).to_string().as_bytes(), in_an_hour())
+                    .await
+                    .unwrap();
+            }));
+            // Let it run up to its wait (one thread: spawned tasks run in order).
+            tokio::task::yield_now().await;
+        }
+        held.commit_and_release(b"0", in_an_hour()).await.unwrap();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(
+            backend.get_unleased(b"k").await.unwrap().unwrap().value,
+            b"4"
+        );
+        // The first request's acquire only: each next one had the lease handed over, with the
+        // record it had just written.
+        assert_eq!(acquires.matched_count(), 1);
+        // And the last one released it.
+        let free = backend.lease(b"k", soon(300)).await.unwrap();
+        free.release().await;
+    })
+    .await;
+}

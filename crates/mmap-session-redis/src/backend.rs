@@ -34,6 +34,9 @@ const MIN_ACQUIRE_BUDGET: Duration = Duration::from_millis(100);
 /// How much longer than the lease TTL the "someone waits" flag lives: a waiter tries again at the
 /// latest when the lease's TTL runs out, and sets the flag again if it is still held.
 const WAITING_FLAG_MARGIN: Duration = Duration::from_secs(1);
+/// How many hand-overs in a row within one process go on although a request of another process
+/// waits: bounds how long a busy process keeps a session from the others.
+const KEEP_RUN: u32 = 8;
 /// What the log says when a lease is taken that its previous holder never released.
 const TAKEOVER: &str = "took over an expired lease that its holder never released";
 
@@ -421,6 +424,8 @@ pub(crate) struct Handover {
     holding: Holding,
     generation: u64,
     stored: Option<Vec<u8>>,
+    /// How many hand-overs in a row led to this one.
+    run: u32,
 }
 
 impl fmt::Debug for Handover {
@@ -629,6 +634,7 @@ impl RedisBackend {
                         generation,
                         stored,
                         lost,
+                        handovers: 0,
                     }));
                 }
                 Attempt::Held { remaining } => {
@@ -677,6 +683,7 @@ impl RedisBackend {
             mut holding,
             generation,
             stored,
+            run,
         } = handover;
         holding.turn = turn_slot(Some(turn));
         if only_existing && stored.is_none() {
@@ -700,6 +707,7 @@ impl RedisBackend {
             generation,
             stored,
             lost,
+            handovers: run,
         })
     }
 }
@@ -759,6 +767,8 @@ pub struct RedisLease {
     stored: Option<Vec<u8>>,
     /// Set by the watchdog when a renewal found the lease gone: no write is tried any more.
     lost: Arc<AtomicBool>,
+    /// How many hand-overs within this process in a row led to this lease.
+    handovers: u32,
 }
 
 impl fmt::Debug for RedisLease {
@@ -842,6 +852,9 @@ impl RedisLease {
             Value::from(holding.keys.release_channel()),
             Value::from(holding.keys.hash.as_str()),
             Value::from(millis(inner.lease_ttl)),
+            // A short run of hand-overs goes on even when another process waits: each hand-over
+            // to another process costs a release, a message and an acquire.
+            Value::from(if self.handovers < KEEP_RUN { "1" } else { "0" }),
         ];
         let reply = inner
             .run(
@@ -868,6 +881,7 @@ impl RedisLease {
                     },
                     generation: self.generation,
                     stored: Some(stored),
+                    run: self.handovers + 1,
                 };
                 match take_turn(&holding.turn) {
                     Some(turn) => {

@@ -175,13 +175,15 @@ end",
 
 /// Writes the record `ARGV[2]` with a time to live of `ARGV[3]` ms, if the caller still holds the
 /// lease, and keeps the lease for the next request of the caller's process (its TTL set to
-/// `ARGV[6]` ms) unless someone else waits for it: then it releases it as
-/// `COMMIT_RELEASE` does, so that a process whose requests follow each other does not keep a
-/// session from the others. Run again after it released, it answers 2 without writing.
+/// `ARGV[6]` ms) unless someone else waits for it and `ARGV[7]` is not `1`: then it releases it
+/// as `COMMIT_RELEASE` does, so that a process whose requests follow each other does not keep a
+/// session from the others for longer than a few requests (the caller keeps it regardless, with
+/// `ARGV[7] == '1'`, only for a bounded run of hand-overs). Run again after it released, it
+/// answers 2 without writing.
 ///
 /// `ARGV`: the holder's token, the record, its TTL, the session's channel, the session's hash, the
-/// lease TTL. Returns 1 if written and kept, 2 if written and released, 0 if the lease was lost
-/// (nothing written).
+/// lease TTL, `1` to keep it even if someone waits. Returns 1 if written and kept, 2 if written
+/// and released, 0 if the lease was lost (nothing written).
 const COMMIT_KEEP: &str = concat!(
     r"
 local held = redis.call('GET', KEYS[1])
@@ -192,7 +194,7 @@ if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' th
   return 0
 end
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
-if redis.call('EXISTS', KEYS[5]) == 0 then
+if ARGV[7] == '1' or redis.call('EXISTS', KEYS[5]) == 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
   return 1
 end",

@@ -244,3 +244,42 @@ async fn the_next_request_of_the_same_process_takes_the_lease_over_without_an_ac
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_process_does_not_keep_a_session_from_a_request_of_another() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let busy = RedisBackend::connect(&server.url()).await.unwrap();
+        let other = RedisBackend::connect(&server.url()).await.unwrap();
+        // 16 requests of one process on one session, one after the other without a pause: the
+        // lease is handed over among them.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let busy = busy.clone();
+            let stop = Arc::clone(&stop);
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let lease = busy.lease(b"k", soon(30_000)).await.unwrap();
+                    lease
+                        .commit_and_release(b"busy", in_an_hour())
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        // Another process gets it within the layer's default lease_wait, again and again.
+        for _ in 0..5 {
+            let lease = other.lease(b"k", soon(5_000)).await.unwrap();
+            lease
+                .commit_and_release(b"other", in_an_hour())
+                .await
+                .unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for task in tasks {
+            task.await.unwrap();
+        }
+    })
+    .await;
+}

@@ -5,24 +5,38 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use fred::clients::Pool;
-use fred::interfaces::{ClientLike as _, KeysInterface as _, PubsubInterface as _};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use fred::interfaces::ClientLike as _;
 use fred::prelude::{Builder, Config, ReconnectPolicy, Value};
+use fred::types::config::UnresponsiveConfig;
 use fred::types::scripts::Script;
+use fred::types::{ClusterHash, CustomCommand};
 use mmap_session::{BackendError, BackendLease, SessionBackend, StoredRecord};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::config::{redacted, RedisConfig};
-use crate::keys::{release_channel, SessionKeys};
+use crate::connections::Connections;
+use crate::keys::SessionKeys;
 use crate::record;
 use crate::scripts::Scripts;
-use crate::wake::{self, Waiters};
+use crate::wake::{self, TurnGuard, Waiters};
 use crate::RedisError;
 
-/// First gap between two tries of a busy lease when no release message arrives.
-const POLL_MIN: Duration = Duration::from_millis(10);
-/// Longest gap between two such tries.
-const POLL_MAX: Duration = Duration::from_millis(250);
+/// How long a waiter waits before trying again when the held lease has no TTL (which only
+/// another program writing the key can cause).
+const FALLBACK_WAIT: Duration = Duration::from_millis(250);
+/// The shortest lease TTL: renewed every third of it, at least every millisecond.
+const MIN_LEASE_TTL: Duration = Duration::from_millis(3);
+/// The least time an acquire is given, even when the caller's deadline is nearer: a try that
+/// could not possibly answer in time would only fail.
+const MIN_ACQUIRE_BUDGET: Duration = Duration::from_millis(100);
+/// How much longer than the lease TTL the "someone waits" flag lives: a waiter tries again at the
+/// latest when the lease's TTL runs out, and sets the flag again if it is still held.
+const WAITING_FLAG_MARGIN: Duration = Duration::from_secs(1);
+/// How many hand-overs in a row within one process go on although a request of another process
+/// waits: bounds how long a busy process keeps a session from the others.
+const KEEP_RUN: u32 = 8;
 /// What the log says when a lease is taken that its previous holder never released.
 const TAKEOVER: &str = "took over an expired lease that its holder never released";
 
@@ -58,12 +72,15 @@ pub struct RedisBackend {
 }
 
 struct Inner {
-    pool: Pool,
+    connections: Connections,
     scripts: Scripts,
     waiters: Arc<Waiters>,
     prefix: String,
-    channel: String,
     lease_timeout: Duration,
+    lease_ttl: Duration,
+    command_timeout: Duration,
+    /// How long a cancel marker lives: longer than a cancelled acquire can stay on its way.
+    marker_life: Duration,
     max_value_len: usize,
     /// The connection, subscription and dispatch tasks, stopped when the last clone goes.
     tasks: Vec<AbortHandle>,
@@ -84,6 +101,7 @@ impl fmt::Debug for RedisBackend {
             .field("url", &redacted(&self.inner.url))
             .field("key_prefix", &self.inner.prefix)
             .field("lease_timeout", &self.inner.lease_timeout)
+            .field("lease_ttl", &self.inner.lease_ttl)
             .field("max_value_len", &self.inner.max_value_len)
             .finish_non_exhaustive()
     }
@@ -113,6 +131,9 @@ impl RedisBackend {
                 "the lease time-out must be at least 1 ms",
             ));
         }
+        if config.lease_ttl < MIN_LEASE_TTL {
+            return Err(RedisError::Config("the lease TTL must be at least 3 ms"));
+        }
         let server =
             Config::from_url(&config.url).map_err(|source| RedisError::InvalidUrl { source })?;
         let mut builder = Builder::from_config(server);
@@ -120,35 +141,33 @@ impl RedisBackend {
             .with_connection_config(|connection| {
                 connection.connection_timeout = config.command_timeout;
                 connection.internal_command_timeout = config.command_timeout;
+                // A connection that stops answering (a host gone without closing it) is closed and
+                // made again, instead of every later command timing out on it.
+                connection.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(config.command_timeout),
+                    interval: (config.command_timeout / 4).max(Duration::from_millis(10)),
+                };
             })
             .with_performance_config(|performance| {
                 performance.default_command_timeout = config.command_timeout;
             })
-            // Reconnect for ever (100 ms to 2 s apart); commands meanwhile fail by their time-out.
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+            // Reconnect for ever (10 ms to 1 s apart). Meanwhile commands are not queued for the
+            // reconnection: with no connection up they fail at once (`NotConnected`).
+            .set_policy(ReconnectPolicy::new_exponential(0, 10, 1_000, 2));
         let connect = |source| RedisError::Connect { source };
         let pool = builder.build_pool(config.pool_size).map_err(connect)?;
         let subscriber = builder.build_subscriber_client().map_err(connect)?;
 
         let mut tasks = Vec::new();
         tasks.push(pool.init().await.map_err(connect)?.abort_handle());
+        let (connections, trackers) = Connections::new(pool, config.command_timeout);
+        tasks.extend(trackers);
         tasks.push(subscriber.init().await.map_err(connect)?.abort_handle());
         tasks.push(subscriber.manage_subscriptions().abort_handle());
-        let channel = release_channel(&config.key_prefix);
-        let waiters = Arc::new(Waiters::default());
-        // Listen before subscribing, so that no release after `connect` returns is missed.
-        tasks.push(
-            tokio::spawn(wake::dispatch(
-                &subscriber,
-                channel.clone(),
-                Arc::clone(&waiters),
-            ))
-            .abort_handle(),
-        );
-        subscriber
-            .subscribe(channel.clone())
-            .await
-            .map_err(connect)?;
+        let (waiters, subscriptions) = Waiters::new(subscriber.clone());
+        let waiters = Arc::new(waiters);
+        tasks.push(tokio::spawn(subscriptions).abort_handle());
+        tasks.push(tokio::spawn(wake::dispatch(&subscriber, Arc::clone(&waiters))).abort_handle());
         tracing::debug!(
             url = %redacted(&config.url),
             prefix = %config.key_prefix,
@@ -156,12 +175,16 @@ impl RedisBackend {
         );
         Ok(Self {
             inner: Arc::new(Inner {
-                pool,
+                connections,
                 scripts: Scripts::new(),
                 waiters,
                 prefix: config.key_prefix,
-                channel,
                 lease_timeout: config.lease_timeout,
+                lease_ttl: config.lease_ttl.min(config.lease_timeout),
+                command_timeout: config.command_timeout,
+                marker_life: config
+                    .lease_timeout
+                    .saturating_add(config.command_timeout.saturating_mul(2)),
                 max_value_len: config.max_value_len,
                 tasks,
                 url: config.url,
@@ -176,18 +199,47 @@ impl RedisBackend {
 }
 
 impl Inner {
-    /// Runs one of the scripts on `keys`.
+    /// Runs one of the scripts on `keys`, failing after `budget` (at most the command time-out);
+    /// sent again if a connection breaks under it (the scripts are idempotent per token).
     async fn run(
         &self,
         script: &Script,
         command: &'static str,
-        keys: &SessionKeys,
+        keys: Vec<String>,
         args: Vec<Value>,
+        budget: Duration,
     ) -> Result<Value, RedisError> {
-        script
-            .evalsha_with_reload::<Value, _, _>(self.pool.next(), keys.all(), args)
+        // Every key of a script is in the session's slot (one hash tag): the first one names it.
+        let slot = keys
+            .first()
+            .map_or(0, |key| fred::util::redis_keyslot(key.as_bytes()));
+        let mut all: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+        all.push(Value::from(script.sha1().clone()));
+        all.push(Value::from(i64::try_from(keys.len()).unwrap_or(i64::MAX)));
+        all.extend(keys.into_iter().map(Value::from));
+        all.extend(args);
+        self.connections
+            .send(
+                command,
+                CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false),
+                all,
+                Some(script),
+                budget,
+            )
             .await
-            .map_err(failed(command))
+    }
+
+    /// Runs a one-key read (`GET`, `EXISTS`) on `key`.
+    async fn read(&self, command: &'static str, key: &str) -> Result<Value, RedisError> {
+        self.connections
+            .send(
+                command,
+                CustomCommand::new_static(command, ClusterHash::FirstKey, false),
+                vec![Value::from(key)],
+                None,
+                self.command_timeout,
+            )
+            .await
     }
 
     /// One try at the lease; with `only_existing`, only if the record exists.
@@ -196,6 +248,7 @@ impl Inner {
         keys: &SessionKeys,
         token: &str,
         only_existing: bool,
+        budget: Duration,
     ) -> Result<Attempt, RedisError> {
         let generation_life = self
             .lease_timeout
@@ -205,13 +258,15 @@ impl Inner {
             .run(
                 &self.scripts.acquire,
                 "acquire lease",
-                keys,
+                keys.for_token(token),
                 vec![
                     Value::from(token),
-                    Value::from(millis(self.lease_timeout)),
+                    Value::from(millis(self.lease_ttl)),
                     Value::from(millis(generation_life)),
                     Value::from(if only_existing { "1" } else { "0" }),
+                    Value::from(millis(self.lease_ttl.saturating_add(WAITING_FLAG_MARGIN))),
                 ],
+                budget,
             )
             .await?;
         let unexpected = |reply: &Value| RedisError::UnexpectedReply {
@@ -223,6 +278,7 @@ impl Inner {
         };
         match parts.as_slice() {
             [Value::Integer(2)] => Ok(Attempt::Absent),
+            [Value::Integer(3)] => Ok(Attempt::Cancelled),
             [Value::Integer(0), Value::Integer(pttl)] => Ok(Attempt::Held {
                 remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
             }),
@@ -242,19 +298,29 @@ impl Inner {
         }
     }
 
-    /// Releases the lease of `token` on `keys`, if it still holds it, and wakes this process's
-    /// waiters at once (other processes' are woken by the published message).
-    async fn release(&self, keys: &SessionKeys, token: &str) {
+    /// Releases the lease of `token` on `keys`, if it still holds it (waiters of other processes
+    /// are woken by the published message, this process's next one by its turn). `cancelled`: the
+    /// taking of the lease did not complete (its caller went away or failed before the acquire's
+    /// answer), so the acquire may still be on its way: leave the token's cancel marker.
+    async fn release(&self, keys: &SessionKeys, token: &str, cancelled: bool) {
         let args = vec![
             Value::from(token),
-            Value::from(self.channel.as_str()),
+            Value::from(if cancelled { "1" } else { "0" }),
+            Value::from(millis(self.marker_life)),
+            Value::from(keys.release_channel()),
             Value::from(keys.hash.as_str()),
         ];
         match self
-            .run(&self.scripts.release, "release lease", keys, args)
+            .run(
+                &self.scripts.release,
+                "release lease",
+                keys.for_token(token),
+                args,
+                self.command_timeout,
+            )
             .await
         {
-            Ok(Value::Integer(1)) => self.waiters.wake(&keys.hash),
+            Ok(Value::Integer(1)) => {}
             Ok(_) => {
                 tracing::debug!(
                     key = keys.short(),
@@ -264,7 +330,7 @@ impl Inner {
             Err(error) => tracing::warn!(
                 key = keys.short(),
                 error = %error,
-                "cannot release a session lease; it expires by its time-out"
+                "cannot release a session lease; it expires by its TTL"
             ),
         }
     }
@@ -288,6 +354,8 @@ impl Inner {
 enum Attempt {
     /// The record was asked to exist and does not; nothing was taken.
     Absent,
+    /// The taking was cancelled (its release ran first); nothing was taken.
+    Cancelled,
     /// Someone else holds it, for `remaining` more (`None`: no expiry on the lease key).
     Held { remaining: Option<Duration> },
     /// It is ours now.
@@ -296,11 +364,6 @@ enum Attempt {
         overdue: bool,
         stored: Option<Vec<u8>>,
     },
-}
-
-/// Makes a client error into the backend's error for `command`.
-fn failed(command: &'static str) -> impl FnOnce(fred::error::Error) -> RedisError {
-    move |source| RedisError::Command { command, source }
 }
 
 /// Milliseconds, rounded up, at least 1 (a TTL of 0 would be refused or expire at once).
@@ -323,38 +386,161 @@ fn new_token() -> Result<String, BackendError> {
 /// A lease that may be held on the server: released when dropped unless disarmed.
 ///
 /// Dropping runs the release script as a task on the current tokio runtime; without a runtime the
-/// lease expires by its time-out.
+/// lease expires by its TTL.
 struct Holding {
     inner: Arc<Inner>,
     keys: SessionKeys,
     token: String,
     armed: bool,
+    /// Whether the acquire's answer was received: until then, the release leaves the token's
+    /// cancel marker.
+    confirmed: bool,
+    /// The task renewing the lease while it is held.
+    watchdog: Option<AbortHandle>,
+    /// This request's turn at the session in this process, and its registration: given back
+    /// once the lease is released, or by the watchdog once the lease has lapsed, so that the next
+    /// request of this process tries then.
+    turn: Arc<TurnSlot>,
+}
+
+/// A turn at a session in this process, while its lease is held.
+type TurnSlot = std::sync::Mutex<Option<TurnGuard>>;
+
+/// Takes the turn out of `slot`, to give it back.
+fn take_turn(slot: &TurnSlot) -> Option<TurnGuard> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+}
+
+fn turn_slot(turn: Option<TurnGuard>) -> Arc<TurnSlot> {
+    Arc::new(std::sync::Mutex::new(turn))
+}
+
+/// A lease handed from a request that finished to the next request of the same process, without
+/// a release and a new acquire: its token keeps holding it in Redis (with the same generation).
+/// Dropped without being taken, it is released.
+pub(crate) struct Handover {
+    holding: Holding,
+    generation: u64,
+    stored: Option<Vec<u8>>,
+    /// How many hand-overs in a row led to this one.
+    run: u32,
+}
+
+impl fmt::Debug for Handover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handover")
+            .field("key", &self.holding.keys.short())
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Holding {
     /// Starts releasing the lease (once), in a task of its own so that it completes even if the
     /// caller is cancelled. `None` if there is nothing to release or no runtime to do it on.
     fn start_release(&mut self) -> Option<JoinHandle<()>> {
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.abort();
+        }
+        let turn = take_turn(&self.turn);
         if !std::mem::replace(&mut self.armed, false) {
             return None;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::debug!(
                 key = self.keys.short(),
-                "no tokio runtime to release a lease on; it expires by its time-out"
+                "no tokio runtime to release a lease on; it expires by its TTL"
             );
             return None;
         };
         let inner = Arc::clone(&self.inner);
         let keys = self.keys.clone();
         let token = self.token.clone();
-        Some(runtime.spawn(async move { inner.release(&keys, &token).await }))
+        let cancelled = !self.confirmed;
+        Some(runtime.spawn(async move {
+            inner.release(&keys, &token, cancelled).await;
+            drop(turn);
+        }))
+    }
+}
+
+impl Handover {
+    /// Releases the handed-over lease (nobody took it).
+    async fn release(mut self) {
+        if let Some(task) = self.holding.start_release() {
+            let _ = task.await;
+        }
     }
 }
 
 impl Drop for Holding {
     fn drop(&mut self) {
         drop(self.start_release());
+    }
+}
+
+/// The lease watchdog: renews the lease of `token` every third of the lease TTL, for as long as
+/// its holder keeps it and at most until `lease_timeout` after `taken` (the last renewal ends it
+/// exactly then). A renewal that finds the lease gone or someone else's sets `lost`, which ends
+/// the holder's right to write; either way (lost, or past the time-out) the holder's turn in this
+/// process is given back. A renewal that fails to reach Redis is tried again at the next tick (the
+/// scripts' token check fences any write made after the lease lapsed).
+async fn renew_while_held(
+    inner: Arc<Inner>,
+    keys: SessionKeys,
+    token: String,
+    taken: Instant,
+    lost: Arc<AtomicBool>,
+    turn: Arc<TurnSlot>,
+) {
+    let every = inner.lease_ttl / 3;
+    let end = taken + inner.lease_timeout;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::from_std(taken) + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        if now >= end {
+            tracing::warn!(
+                key = keys.short(),
+                timeout = ?inner.lease_timeout,
+                "a request held its session's lease for the whole lease time-out; the lease is no \
+                 longer renewed and its changes will not be saved"
+            );
+            // The next request of this process may try now (and take the lease once it lapses).
+            drop(take_turn(&turn));
+            return;
+        }
+        let ttl = inner.lease_ttl.min(end - now);
+        let renewal = inner
+            .run(
+                &inner.scripts.renew,
+                "renew lease",
+                keys.for_token(&token),
+                vec![Value::from(token.as_str()), Value::from(millis(ttl))],
+                every,
+            )
+            .await;
+        match renewal {
+            Ok(Value::Integer(1)) => {}
+            Ok(_) => {
+                lost.store(true, Ordering::SeqCst);
+                tracing::warn!(
+                    key = keys.short(),
+                    "the session's lease expired before it could be renewed; its changes will \
+                     not be saved"
+                );
+                drop(take_turn(&turn));
+                return;
+            }
+            Err(error) => tracing::warn!(
+                key = keys.short(),
+                error = %error,
+                "cannot renew a session lease; trying again"
+            ),
+        }
     }
 }
 
@@ -371,10 +557,21 @@ impl RedisBackend {
         let keys = SessionKeys::new(&inner.prefix, key);
         let token = new_token()?;
         let waiting = inner.waiters.register(&keys.hash);
-        let mut poll = POLL_MIN;
+        let notify = Arc::clone(&waiting.notify);
+        // The requests of this process take turns, in arrival order; only the one whose turn it
+        // is talks to Redis, and a finishing one may hand its lease over.
+        let (turn, handed) = waiting
+            .turn(tokio::time::Instant::from_std(deadline))
+            .await
+            .map_err(|()| BackendError::LeaseTimeout)?;
+        if let Some(handover) = handed {
+            return Ok(self.adopt(handover, turn, only_existing));
+        }
+        let mut turn = Some(turn);
+        let mut subscribed = false;
         loop {
             // Registered before the try, so that a release right after it is not missed.
-            let mut released = pin!(waiting.notify.notified());
+            let mut released = pin!(notify.notified());
             released.as_mut().enable();
             // If this future is dropped while the script runs, the guard releases what it may
             // have taken.
@@ -383,24 +580,61 @@ impl RedisBackend {
                 keys: keys.clone(),
                 token: token.clone(),
                 armed: true,
+                confirmed: false,
+                watchdog: None,
+                turn: turn_slot(None),
             };
-            let remaining = match inner.try_acquire(&keys, &token, only_existing).await? {
+            let sent = Instant::now();
+            let budget = deadline
+                .saturating_duration_since(sent)
+                .max(MIN_ACQUIRE_BUDGET);
+            let attempt = inner
+                .try_acquire(&keys, &token, only_existing, budget)
+                .await?;
+            let remaining = match attempt {
                 Attempt::Absent => {
                     holding.armed = false;
                     return Ok(None);
+                }
+                Attempt::Cancelled => {
+                    // Only a release of this token leaves its marker, and this call has not
+                    // released it: another program wrote the key.
+                    holding.armed = false;
+                    return Err(RedisError::UnexpectedReply {
+                        command: "acquire lease",
+                        reply: "cancelled by a release this caller never sent".to_owned(),
+                    }
+                    .into());
                 }
                 Attempt::Taken {
                     generation,
                     overdue,
                     stored,
                 } => {
+                    holding.confirmed = true;
+                    holding.turn = turn_slot(turn.take());
                     if overdue && generation > 1 {
                         tracing::warn!(key = keys.short(), generation, "{TAKEOVER}");
                     }
+                    // The server set the TTL after `sent`: counting from `sent` errs early.
+                    let lost = Arc::new(AtomicBool::new(false));
+                    holding.watchdog = Some(
+                        tokio::spawn(renew_while_held(
+                            Arc::clone(inner),
+                            keys.clone(),
+                            token.clone(),
+                            sent,
+                            Arc::clone(&lost),
+                            Arc::clone(&holding.turn),
+                        ))
+                        .abort_handle(),
+                    );
                     return Ok(Some(RedisLease {
                         holding,
                         generation,
                         stored,
+                        lost,
+                        handovers: 0,
                     }));
                 }
                 Attempt::Held { remaining } => {
@@ -408,21 +642,73 @@ impl RedisBackend {
                     remaining
                 }
             };
+            if !subscribed {
+                // Subscribed to the session's releases, then tried again at once: a release
+                // between the try and the subscription is seen by the new try.
+                subscribed = true;
+                if let Some(turn) = &turn {
+                    turn.waiting().subscribe(&keys).await;
+                }
+                continue;
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(BackendError::LeaseTimeout);
             }
-            // Woken by the release message; polling (with back-off, and when the lease is due to
-            // expire, since expiry publishes nothing) is only the fallback.
-            let mut wait = poll.min(deadline - now);
-            if let Some(remaining) = remaining {
-                wait = wait.min(remaining.saturating_add(Duration::from_millis(1)));
-            }
+            // Woken by the release message; trying again when the held lease's TTL runs out (an
+            // expiry publishes nothing, and a message can be lost to a reconnection) is the only
+            // other wake-up: no polling while the holder is alive and renews.
+            let wait = remaining
+                .map_or(FALLBACK_WAIT, |remaining| {
+                    remaining.saturating_add(Duration::from_millis(1))
+                })
+                .min(deadline - now);
             tokio::select! {
                 () = released => {}
-                () = tokio::time::sleep(wait) => poll = (poll * 2).min(POLL_MAX),
+                () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+}
+
+impl RedisBackend {
+    /// Makes a lease handed over by the previous request of this process this request's.
+    fn adopt(
+        &self,
+        handover: Handover,
+        turn: TurnGuard,
+        only_existing: bool,
+    ) -> Option<RedisLease> {
+        let Handover {
+            mut holding,
+            generation,
+            stored,
+            run,
+        } = handover;
+        holding.turn = turn_slot(Some(turn));
+        if only_existing && stored.is_none() {
+            // Released (then the turn given on) when dropped.
+            return None;
+        }
+        let lost = Arc::new(AtomicBool::new(false));
+        holding.watchdog = Some(
+            tokio::spawn(renew_while_held(
+                Arc::clone(&self.inner),
+                holding.keys.clone(),
+                holding.token.clone(),
+                Instant::now(),
+                Arc::clone(&lost),
+                Arc::clone(&holding.turn),
+            ))
+            .abort_handle(),
+        );
+        Some(RedisLease {
+            holding,
+            generation,
+            stored,
+            lost,
+            handovers: run,
+        })
     }
 }
 
@@ -448,12 +734,7 @@ impl SessionBackend for RedisBackend {
 
     async fn get_unleased(&self, key: &[u8]) -> Result<Option<StoredRecord>, BackendError> {
         let keys = SessionKeys::new(&self.inner.prefix, key);
-        let stored: Value = self
-            .inner
-            .pool
-            .get(keys.record.as_str())
-            .await
-            .map_err(failed("GET"))?;
+        let stored = self.inner.read("GET", &keys.record).await?;
         Ok(match stored.as_bytes() {
             Some(bytes) => self.inner.decode(&keys, bytes),
             None => None,
@@ -462,27 +743,32 @@ impl SessionBackend for RedisBackend {
 
     async fn exists(&self, key: &[u8]) -> Result<bool, BackendError> {
         let keys = SessionKeys::new(&self.inner.prefix, key);
-        let count: i64 = self
-            .inner
-            .pool
-            .exists(keys.record.as_str())
-            .await
-            .map_err(failed("EXISTS"))?;
-        Ok(count > 0)
+        match self.inner.read("EXISTS", &keys.record).await? {
+            Value::Integer(count) => Ok(count > 0),
+            other => Err(RedisError::UnexpectedReply {
+                command: "EXISTS",
+                reply: format!("{:?}", other.kind()),
+            }
+            .into()),
+        }
     }
 }
 
 /// A held busy lease on one session in Redis.
 ///
 /// Dropping it without [`BackendLease::release`] releases it all the same, from a task spawned on
-/// the current tokio runtime; where no runtime is running, the lease expires by the configured
-/// time-out instead.
+/// the current tokio runtime; where no runtime is running, the lease expires by its TTL instead.
+/// While it is held, a task renews it (see [`RedisConfig::lease_ttl`]).
 pub struct RedisLease {
     holding: Holding,
     generation: u64,
     /// The stored record as read when the lease was taken, kept up to date by commit and remove
     /// (nobody else writes it while the lease is held).
     stored: Option<Vec<u8>>,
+    /// Set by the watchdog when a renewal found the lease gone: no write is tried any more.
+    lost: Arc<AtomicBool>,
+    /// How many hand-overs within this process in a row led to this lease.
+    handovers: u32,
 }
 
 impl fmt::Debug for RedisLease {
@@ -509,10 +795,19 @@ impl RedisLease {
     ) -> Result<(), BackendError> {
         let holding = &self.holding;
         let inner = &holding.inner;
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(BackendError::LeaseLost);
+        }
         let mut all = vec![Value::from(holding.token.as_str())];
         all.extend(args);
         match inner
-            .run(script(&inner.scripts), command, &holding.keys, all)
+            .run(
+                script(&inner.scripts),
+                command,
+                holding.keys.for_token(&holding.token),
+                all,
+                inner.command_timeout,
+            )
             .await?
         {
             Value::Integer(1) => Ok(()),
@@ -529,6 +824,153 @@ impl RedisLease {
                 reply: format!("{:?}", other.kind()),
             }
             .into()),
+        }
+    }
+}
+
+impl RedisLease {
+    /// Writes `stored` and hands the lease to the next request of this process waiting for the
+    /// session, in one round trip, unless a request of another process waits too: then the
+    /// script releases it to them (and the next request here takes its turn at Redis).
+    async fn commit_and_hand_over(
+        mut self,
+        stored: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(BackendError::LeaseLost);
+        }
+        let holding = &mut self.holding;
+        if let Some(watchdog) = holding.watchdog.take() {
+            watchdog.abort();
+        }
+        let inner = Arc::clone(&holding.inner);
+        let args = vec![
+            Value::from(holding.token.as_str()),
+            Value::Bytes(stored.clone().into()),
+            Value::from(millis(ttl)),
+            Value::from(holding.keys.release_channel()),
+            Value::from(holding.keys.hash.as_str()),
+            Value::from(millis(inner.lease_ttl)),
+            // A short run of hand-overs goes on even when another process waits: each hand-over
+            // to another process costs a release, a message and an acquire.
+            Value::from(if self.handovers < KEEP_RUN { "1" } else { "0" }),
+        ];
+        let reply = inner
+            .run(
+                &inner.scripts.commit_keep,
+                "commit and hand over",
+                holding.keys.for_token(&holding.token),
+                args,
+                inner.command_timeout,
+            )
+            .await?;
+        match reply {
+            Value::Integer(1) => {
+                // Kept: the lease goes to the next request with the token, as it stands.
+                holding.armed = false;
+                let handover = Handover {
+                    holding: Holding {
+                        inner: Arc::clone(&inner),
+                        keys: holding.keys.clone(),
+                        token: holding.token.clone(),
+                        armed: true,
+                        confirmed: true,
+                        watchdog: None,
+                        turn: turn_slot(None),
+                    },
+                    generation: self.generation,
+                    stored: Some(stored),
+                    run: self.handovers + 1,
+                };
+                match take_turn(&holding.turn) {
+                    Some(turn) => {
+                        if let Some(back) = turn.hand_over(handover) {
+                            // The next one went away meanwhile: release after all.
+                            back.release().await;
+                        }
+                    }
+                    None => handover.release().await,
+                }
+                Ok(())
+            }
+            Value::Integer(2) => {
+                // Released to a request of another process; the turn goes on when dropped.
+                holding.armed = false;
+                Ok(())
+            }
+            Value::Integer(0) => {
+                holding.armed = false;
+                tracing::warn!(
+                    key = holding.keys.short(),
+                    generation = self.generation,
+                    "the session's lease expired before the write; nothing was written"
+                );
+                Err(BackendError::LeaseLost)
+            }
+            other => Err(RedisError::UnexpectedReply {
+                command: "commit and hand over",
+                reply: format!("{:?}", other.kind()),
+            }
+            .into()),
+        }
+    }
+
+    /// Runs the commit-and-release script with `write` (the write flag, then the record and its
+    /// TTL when it writes), and ends the lease whatever the outcome.
+    async fn finish(&mut self, write: Vec<Value>) -> Result<(), BackendError> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(BackendError::LeaseLost);
+        }
+        let holding = &mut self.holding;
+        if let Some(watchdog) = holding.watchdog.take() {
+            watchdog.abort();
+        }
+        let inner = Arc::clone(&holding.inner);
+        let mut args = write.into_iter();
+        let flag = args.next().unwrap_or_else(|| Value::from("0"));
+        let all = vec![
+            Value::from(holding.token.as_str()),
+            flag,
+            Value::from(""),
+            Value::from(holding.keys.release_channel()),
+            Value::from(holding.keys.hash.as_str()),
+        ]
+        .into_iter()
+        .chain(args)
+        .collect();
+        let reply = inner
+            .run(
+                &inner.scripts.commit_release,
+                "commit and release",
+                holding.keys.for_token(&holding.token),
+                all,
+                inner.command_timeout,
+            )
+            .await;
+        match reply {
+            Ok(Value::Integer(1)) => {
+                // Released by the script: nothing left to do when dropped.
+                holding.armed = false;
+                Ok(())
+            }
+            Ok(Value::Integer(0)) => {
+                holding.armed = false;
+                tracing::warn!(
+                    key = holding.keys.short(),
+                    generation = self.generation,
+                    "the session's lease expired before the write; nothing was written"
+                );
+                Err(BackendError::LeaseLost)
+            }
+            // Whether it ran is unknown: dropping the lease sends a release, which is harmless
+            // if it did.
+            Ok(other) => Err(RedisError::UnexpectedReply {
+                command: "commit and release",
+                reply: format!("{:?}", other.kind()),
+            }
+            .into()),
+            Err(error) => Err(error.into()),
         }
     }
 }
@@ -577,6 +1019,44 @@ impl BackendLease for RedisLease {
             .await?;
         self.stored = None;
         Ok(())
+    }
+
+    /// One round trip: the write and the release in one script.
+    async fn commit_and_release(
+        mut self,
+        value: &[u8],
+        expires_at: SystemTime,
+    ) -> Result<(), BackendError> {
+        let max = self.holding.inner.max_value_len;
+        if value.len() > max {
+            self.release().await;
+            return Err(BackendError::TooLarge {
+                len: value.len(),
+                max,
+            });
+        }
+        match expires_at.duration_since(SystemTime::now()) {
+            Ok(ttl) if !ttl.is_zero() => {
+                let stored = record::encode(value, expires_at);
+                let inner = &self.holding.inner;
+                if inner.waiters.has_queued(&self.holding.keys.hash) {
+                    return self.commit_and_hand_over(stored, ttl).await;
+                }
+                self.finish(vec![
+                    Value::from("1"),
+                    Value::Bytes(stored.into()),
+                    Value::from(millis(ttl)),
+                ])
+                .await
+            }
+            // Already expired: what is left to store is nothing.
+            _ => self.finish(vec![Value::from("0")]).await,
+        }
+    }
+
+    /// One round trip: the removal and the release in one script.
+    async fn remove_and_release(mut self) -> Result<(), BackendError> {
+        self.finish(vec![Value::from("0")]).await
     }
 
     async fn release(mut self) {

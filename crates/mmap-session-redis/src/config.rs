@@ -9,8 +9,12 @@ use crate::{RedisBackend, RedisError};
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Default prefix of every key the backend writes.
 pub const DEFAULT_KEY_PREFIX: &str = "mmap-session:";
-/// Default lease time-out: like the file store's `lease_timeout`.
+/// Default lease time-out: the longest a live holder keeps a lease, like the file store's
+/// `lease_timeout`.
 pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default lease TTL: how long a lease outlives its last renewal, and so how long the session of a
+/// holder that died stays blocked.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
 /// Default largest record: like the file store's `max_value_len`.
 pub const DEFAULT_MAX_VALUE_LEN: usize = 64 << 10;
 /// Default time a command may take (connecting included) before it fails.
@@ -40,20 +44,23 @@ pub struct RedisConfig {
     pub(crate) pool_size: usize,
     pub(crate) key_prefix: String,
     pub(crate) lease_timeout: Duration,
+    pub(crate) lease_ttl: Duration,
     pub(crate) max_value_len: usize,
     pub(crate) command_timeout: Duration,
 }
 
 impl RedisConfig {
     /// A configuration for the server at `url` (`redis://[user:password@]host[:port][/db]`), with
-    /// the defaults: a pool of 4 connections, key prefix `mmap-session:`, leases that expire after
-    /// 30 s, records of at most 64 KiB, commands that fail after 5 s.
+    /// the defaults: a pool of 4 connections, key prefix `mmap-session:`, leases with a TTL of 2 s
+    /// renewed by their holder for at most 30 s, records of at most 64 KiB, commands that fail
+    /// after 5 s.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             pool_size: DEFAULT_POOL_SIZE,
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             lease_timeout: DEFAULT_LEASE_TIMEOUT,
+            lease_ttl: DEFAULT_LEASE_TTL,
             max_value_len: DEFAULT_MAX_VALUE_LEN,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
         }
@@ -73,11 +80,22 @@ impl RedisConfig {
         self
     }
 
-    /// How long a lease lives unless released (default 30 s). A holder that takes longer loses it
-    /// (its commit is refused), and a holder that died without releasing blocks its session for
-    /// this long: Redis cannot tell that a client died, only that a key expired.
+    /// The longest a live holder keeps a lease (default 30 s): its holder renews it while the
+    /// request runs, up to this long after taking it; a request that takes longer loses the lease
+    /// and its commit is refused.
     pub fn lease_timeout(mut self, timeout: Duration) -> Self {
         self.lease_timeout = timeout;
+        self
+    }
+
+    /// How long a lease lives past its last renewal (default 2 s, at least 3 ms): the holder
+    /// renews it every third of this while its request runs, so a holder that died (killed, frozen,
+    /// cut off from Redis) blocks its session for at most this long. Redis cannot tell that a
+    /// client died, only that a key expired: shorter frees such sessions sooner, at the cost of
+    /// more renewals and of losing the lease to a pause (garbage collection, a stalled network)
+    /// longer than this.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
         self
     }
 
@@ -98,7 +116,8 @@ impl RedisConfig {
     ///
     /// # Errors
     ///
-    /// [`RedisError::InvalidUrl`], [`RedisError::Config`] for a zero pool size or lease time-out,
+    /// [`RedisError::InvalidUrl`], [`RedisError::Config`] for a zero pool size or lease time-out or
+    /// a lease TTL under 3 ms,
     /// [`RedisError::Connect`] if the server cannot be reached.
     pub async fn connect(self) -> Result<RedisBackend, RedisError> {
         RedisBackend::from_config(self).await
@@ -112,6 +131,7 @@ impl fmt::Debug for RedisConfig {
             .field("pool_size", &self.pool_size)
             .field("key_prefix", &self.key_prefix)
             .field("lease_timeout", &self.lease_timeout)
+            .field("lease_ttl", &self.lease_ttl)
             .field("max_value_len", &self.max_value_len)
             .field("command_timeout", &self.command_timeout)
             .finish()

@@ -3,8 +3,10 @@
 /// Why connecting to Redis, or a command sent to it, failed.
 ///
 /// Operations of the [`SessionBackend`](mmap_session::SessionBackend) trait report these inside
-/// [`BackendError::Other`](mmap_session::BackendError::Other); the layer logs them and answers
-/// `500`.
+/// [`BackendError::Unavailable`](mmap_session::BackendError::Unavailable) when Redis cannot be
+/// reached ([`RedisError::is_unavailable`]; the layer answers `503`), and inside
+/// [`BackendError::Other`](mmap_session::BackendError::Other) otherwise (`500`). The layer logs
+/// them.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RedisError {
@@ -31,6 +33,16 @@ pub enum RedisError {
         #[source]
         source: fred::error::Error,
     },
+    /// No connection to Redis is up: the server is down, restarting or unreachable. The client
+    /// reconnects in the background; the command was not sent.
+    #[error(
+        "cannot send `{command}`: not connected to Redis (the client is reconnecting); check \
+         that the server runs and is reachable"
+    )]
+    NotConnected {
+        /// Which of the backend's commands or scripts could not be sent.
+        command: &'static str,
+    },
     /// Redis answered something the backend's scripts never return (another program writing the
     /// same keys, or a server that is not Redis-compatible).
     #[error("unexpected reply from Redis to `{command}`: {reply}")]
@@ -45,8 +57,55 @@ pub enum RedisError {
     Config(&'static str),
 }
 
+impl RedisError {
+    /// Whether the error says that Redis cannot be reached now (no connection, a broken one, no
+    /// answer in time, a cluster without a primary for the slot), rather than that it refused
+    /// what was asked: the layer answers the first with `503`.
+    pub fn is_unavailable(&self) -> bool {
+        use fred::error::ErrorKind;
+        match self {
+            RedisError::NotConnected { .. } => true,
+            RedisError::Command { source, .. } | RedisError::Connect { source } => {
+                connection_lost(source)
+                    || matches!(
+                        source.kind(),
+                        ErrorKind::Timeout
+                            | ErrorKind::Cluster
+                            | ErrorKind::Routing
+                            | ErrorKind::Backpressure
+                    )
+                    || ["CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN"]
+                        .iter()
+                        .any(|prefix| source.details().starts_with(prefix))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether the client failed `error`'s command because its connection broke or was not there (it
+/// may or may not have run): the command can be sent again on another connection.
+pub(crate) fn connection_lost(error: &fred::error::Error) -> bool {
+    use fred::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::IO | ErrorKind::Canceled => true,
+        // The client's words for "no connection to send it on" and "its connection broke each
+        // time it was written".
+        ErrorKind::Unknown => {
+            let details = error.details();
+            details.starts_with("Failed to route command")
+                || details.starts_with("Too many failed write attempts")
+        }
+        _ => false,
+    }
+}
+
 impl From<RedisError> for mmap_session::BackendError {
     fn from(error: RedisError) -> Self {
-        mmap_session::BackendError::Other(Box::new(error))
+        if error.is_unavailable() {
+            mmap_session::BackendError::Unavailable(Box::new(error))
+        } else {
+            mmap_session::BackendError::Other(Box::new(error))
+        }
     }
 }

@@ -3,8 +3,9 @@
 /// The Redis keys of one session.
 ///
 /// `{prefix}{<hash>}` holds the record, `{prefix}{<hash>}:lease` the busy lease and
-/// `{prefix}{<hash>}:gen` the lease generation counter. The braces are a Redis Cluster hash tag:
-/// the three keys of one session live in one slot, so one script can touch them together.
+/// `{prefix}{<hash>}:gen` the lease generation counter (and, briefly, `…:cancelled:<token>` the
+/// marker of a cancelled taking). The braces are a Redis Cluster hash tag:
+/// the keys of one session live in one slot, so one script can touch them together.
 #[derive(Clone, Debug)]
 pub(crate) struct SessionKeys {
     /// Hex BLAKE3 hash of the layer's key: what a release publishes.
@@ -32,19 +33,25 @@ impl SessionKeys {
         self.hash.get(..8).unwrap_or(&self.hash)
     }
 
-    /// The three keys, in the order the scripts expect them.
-    pub(crate) fn all(&self) -> Vec<String> {
+    /// The keys of a script run for the lease token `token`, in the order the scripts expect
+    /// them: the lease, the generation counter, the record, the token's cancel marker
+    /// (`{prefix}{<hash>}:cancelled:<token>`) and the flag saying that someone waits
+    /// (`{prefix}{<hash>}:waiting`), all in the same slot.
+    pub(crate) fn for_token(&self, token: &str) -> Vec<String> {
         vec![
             self.lease.clone(),
             self.generation.clone(),
             self.record.clone(),
+            format!("{}:cancelled:{token}", self.record),
+            format!("{}:waiting", self.record),
         ]
     }
-}
 
-/// The channel every release is published on, with the session's hash as the message.
-pub(crate) fn release_channel(prefix: &str) -> String {
-    format!("{prefix}released")
+    /// The session's shard channel, on which a release publishes the hash when someone waits
+    /// (in the session's slot, like its keys).
+    pub(crate) fn release_channel(&self) -> String {
+        format!("{}:released", self.record)
+    }
 }
 
 #[cfg(test)]
@@ -57,7 +64,7 @@ mod tests {
         let key = b"0123456789abcdef";
         let keys = SessionKeys::new("app:", key);
         assert_eq!(keys.hash.len(), 64);
-        for name in keys.all() {
+        for name in keys.for_token("t") {
             assert!(name.starts_with("app:{"), "{name}");
             assert!(!name.contains("0123456789abcdef"), "{name}");
         }

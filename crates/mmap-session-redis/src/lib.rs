@@ -12,34 +12,45 @@
 //!
 //! - `{prefix}{<hash>}`: the record, its absolute expiry in front of the layer's bytes, with a
 //!   Redis TTL that drops it when it expires;
-//! - `{prefix}{<hash>}:lease`: the busy lease, set with `NX` and a TTL of the lease time-out,
-//!   holding the holder's random token and the lease's fencing generation;
+//! - `{prefix}{<hash>}:lease`: the busy lease, taken only where absent, with a short TTL (the
+//!   lease TTL, 2 s by default) that its live holder renews while the request runs, holding the
+//!   holder's random token and the lease's fencing generation;
 //! - `{prefix}{<hash>}:gen`: the generation counter, which outlives every lease it numbered.
 //!
 //! Taking, committing under, removing under and releasing a lease are Lua scripts, each atomic on
 //! the server; commit, remove and release check the holder's token first, so a holder whose lease
 //! expired and was taken over writes nothing
-//! ([`BackendError::LeaseLost`](mmap_session::BackendError::LeaseLost)). A release publishes the
-//! session's hash on `{prefix}released`; waiters in every process are subscribed and try again at
-//! once. Polling with back-off (and at the moment a held lease expires) is only the fallback for a
-//! lost message.
+//! ([`BackendError::LeaseLost`](mmap_session::BackendError::LeaseLost)). A changing request ends
+//! with one script that writes and releases (two round trips per changing request, with the
+//! acquire). The requests of one process take turns per session in arrival order; the one whose
+//! turn it is and who finds the lease held flags the session as waited for (`…:waiting`) and
+//! subscribes to its shard channel (`…:released`); a release publishes there (`SPUBLISH`) only
+//! when the flag is set. Trying again when the held lease's TTL runs out is the only fallback.
 //!
 //! # Limits
 //!
 //! - What survives a crash of Redis is what its persistence settings (RDB, AOF and its `fsync`
 //!   policy) keep; a failover to a replica can lose the latest writes, and with them a lease.
 //! - A lease lives by its TTL: Redis cannot tell that its holder died, so a session whose holder
-//!   was killed waits until the lease time-out passes (the file store, which asks the kernel, takes
-//!   it over at once). Keep [`RedisConfig::lease_timeout`] above your slowest request and as short
-//!   as that allows.
+//!   was killed waits until the lease TTL runs out ([`RedisConfig::lease_ttl`], 2 s by default;
+//!   the file store, which asks the kernel, takes it over at once). A live holder renews its lease
+//!   (a watchdog task, every third of the TTL) for at most [`RedisConfig::lease_timeout`]; a
+//!   holder that cannot renew in time (a pause or a network cut longer than the TTL) loses the
+//!   lease, and its commit is refused.
 //! - A lease is only as good as Redis's clock: the lease TTL runs on the server.
-//! - One Redis server (or primary) is assumed; a Redis Cluster is not supported.
+//! - A Redis Cluster is supported (a `redis-cluster://` URL): each session's keys and channel
+//!   share one hash tag, so its scripts run on one primary. Replication is asynchronous: a
+//!   primary that crashes can take recent writes (and leases) with it. Redis 7 or later is needed
+//!   (sharded pub/sub).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod backend;
 mod config;
+mod connections;
 mod error;
+#[cfg(feature = "test-server")]
+pub mod fault_proxy;
 mod keys;
 mod record;
 mod scripts;
@@ -50,6 +61,6 @@ mod wake;
 pub use backend::{RedisBackend, RedisLease};
 pub use config::{
     RedisConfig, DEFAULT_COMMAND_TIMEOUT, DEFAULT_KEY_PREFIX, DEFAULT_LEASE_TIMEOUT,
-    DEFAULT_MAX_VALUE_LEN, DEFAULT_POOL_SIZE,
+    DEFAULT_LEASE_TTL, DEFAULT_MAX_VALUE_LEN, DEFAULT_POOL_SIZE,
 };
 pub use error::RedisError;

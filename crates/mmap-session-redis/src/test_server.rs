@@ -1,5 +1,10 @@
 //! A throwaway `redis-server` for tests (feature `test-server`): started on a free port in a
-//! temporary directory of its own, with persistence off, and killed when dropped.
+//! temporary directory of its own, with persistence off, and killed when dropped; or a throwaway
+//! local Redis Cluster of such servers ([`RedisServer::start_cluster`]).
+//!
+//! With `MMAP_SESSION_TEST_REDIS=cluster` in the environment, [`RedisServer::start`] starts a
+//! cluster of 3 primaries instead of one server, so that every test suite that uses it (the
+//! layer's route tests, the multi-process tests) runs on a cluster unchanged.
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -9,6 +14,8 @@ use std::time::{Duration, Instant};
 
 /// How long a started server may take to answer `PING`.
 const STARTUP: Duration = Duration::from_secs(10);
+/// How long a cluster may take to be created and agree on its state.
+const CLUSTER_STARTUP: Duration = Duration::from_secs(60);
 /// How many free ports are tried (another process may take the port between probe and bind).
 const ATTEMPTS: usize = 5;
 
@@ -25,6 +32,15 @@ pub enum TestServerError {
     /// Starting it, or preparing its directory, failed.
     #[error("cannot start redis-server: {0}")]
     Io(#[from] std::io::Error),
+    /// `redis-cli` (which creates a cluster) is not installed.
+    #[error(
+        "`redis-cli` was not found (looked for $REDIS_CLI, then in PATH); install it \
+         (Debian: `apt-get install redis-tools`)"
+    )]
+    NoCli,
+    /// The cluster's nodes did not agree on a working cluster in time.
+    #[error("the Redis Cluster did not come up within {CLUSTER_STARTUP:?}: {0}")]
+    ClusterNotReady(String),
     /// It did not answer `PING` in time.
     #[error(
         "redis-server did not answer PING within {STARTUP:?} on {ATTEMPTS} ports; its log: {log}"
@@ -40,6 +56,8 @@ pub enum TestServerError {
 pub struct RedisServer {
     child: Child,
     port: u16,
+    /// The cluster's other nodes, when this is the first node of a cluster.
+    others: Vec<RedisServer>,
     // Last: removed after the server is gone.
     dir: tempfile::TempDir,
 }
@@ -51,6 +69,107 @@ impl RedisServer {
     ///
     /// [`TestServerError`] if it is not installed or does not come up.
     pub fn start() -> Result<Self, TestServerError> {
+        if std::env::var_os("MMAP_SESSION_TEST_REDIS").is_some_and(|kind| kind == "cluster") {
+            return Self::start_cluster(3, 0);
+        }
+        Self::start_node(&[])
+    }
+
+    /// Starts a local Redis Cluster of `primaries` primaries with `replicas` replicas each, every
+    /// node on free ports (its own and its cluster bus port) in a directory of its own, creates
+    /// it with `redis-cli --cluster create`, and waits until every node says the cluster is ok
+    /// and every replica is in sync. The value is the first node; [`RedisServer::url`] names
+    /// them all (`redis-cluster://…`). Nodes time out (fail over) after 1 s.
+    ///
+    /// # Errors
+    ///
+    /// [`TestServerError`] if `redis-server` or `redis-cli` is missing or the cluster does not
+    /// come up.
+    pub fn start_cluster(primaries: usize, replicas: usize) -> Result<Self, TestServerError> {
+        let cli = cli_program().ok_or(TestServerError::NoCli)?;
+        let count = primaries * (1 + replicas);
+        let mut nodes = Vec::with_capacity(count);
+        for _ in 0..count {
+            let bus = free_port()?.to_string();
+            nodes.push(Self::start_node(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-port",
+                &bus,
+            ])?);
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        let created = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()?;
+        if !created.status.success() {
+            return Err(TestServerError::ClusterNotReady(
+                String::from_utf8_lossy(&created.stdout).into_owned(),
+            ));
+        }
+        let mut nodes = nodes.into_iter();
+        let Some(mut first) = nodes.next() else {
+            return Err(TestServerError::ClusterNotReady("no nodes".to_owned()));
+        };
+        first.others = nodes.collect();
+        first.wait_cluster_ready(count)?;
+        Ok(first)
+    }
+
+    /// Waits until every node sees `count` nodes and a cluster in state ok, and every replica's
+    /// link to its primary is up.
+    fn wait_cluster_ready(&self, count: usize) -> Result<(), TestServerError> {
+        let deadline = Instant::now() + CLUSTER_STARTUP;
+        let known = format!("cluster_known_nodes:{count}");
+        let mut last = String::new();
+        loop {
+            let ready = self.nodes().all(|node| {
+                let info = node.text("CLUSTER INFO");
+                let replication = node.text("INFO replication");
+                last = format!("{info}\n{replication}");
+                info.contains("cluster_state:ok")
+                    && info.contains(&known)
+                    && (replication.contains("role:master")
+                        || replication.contains("master_link_status:up"))
+            });
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(TestServerError::ClusterNotReady(last));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// This server and, for a cluster, every other node.
+    pub fn nodes(&self) -> impl Iterator<Item = &RedisServer> {
+        std::iter::once(self).chain(self.others.iter())
+    }
+
+    /// Whether this is the first node of a cluster.
+    pub fn is_cluster(&self) -> bool {
+        !self.others.is_empty()
+    }
+
+    /// The node's reply to `command` as text (empty if it cannot be had).
+    fn text(&self, command: &str) -> String {
+        self.raw_node_command(command)
+            .map(|reply| String::from_utf8_lossy(&reply).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn start_node(extra: &[&str]) -> Result<Self, TestServerError> {
         let program = program().ok_or(TestServerError::NotInstalled)?;
         let mut log = String::new();
         for _ in 0..ATTEMPTS {
@@ -64,11 +183,17 @@ impl RedisServer {
                 .arg(dir.path())
                 .arg("--logfile")
                 .arg(&log_path)
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
-            let mut server = Self { child, port, dir };
+            let mut server = Self {
+                child,
+                port,
+                others: Vec::new(),
+                dir,
+            };
             if server.wait_ready() {
                 return Ok(server);
             }
@@ -83,9 +208,22 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`; for a cluster,
+    /// `redis-cluster://127.0.0.1:<port>?node=127.0.0.1:<port>&…` with every node.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        if !self.is_cluster() {
+            return format!("redis://127.0.0.1:{}", self.port);
+        }
+        let others: Vec<String> = self
+            .others
+            .iter()
+            .map(|node| format!("node=127.0.0.1:{}", node.port))
+            .collect();
+        format!(
+            "redis-cluster://127.0.0.1:{}?{}",
+            self.port,
+            others.join("&")
+        )
     }
 
     /// The server's working directory.
@@ -94,12 +232,43 @@ impl RedisServer {
     }
 
     /// Sends one command (inline form) and returns the raw reply, for tests that look at what is
-    /// stored.
+    /// stored. On a cluster it goes to every primary, and array replies (`KEYS`) are joined into
+    /// one; any other reply is the first node's.
     ///
     /// # Errors
     ///
     /// Any I/O error talking to the server.
     pub fn raw_command(&self, command: &str) -> std::io::Result<Vec<u8>> {
+        if !self.is_cluster() {
+            return self.raw_node_command(command);
+        }
+        let mut count = 0usize;
+        let mut items = Vec::new();
+        for node in self.nodes() {
+            if !node.text("ROLE").contains("master") {
+                continue;
+            }
+            let reply = node.raw_node_command(command)?;
+            let header_end = reply.windows(2).position(|pair| pair == b"\r\n");
+            let parsed = header_end.and_then(|end| {
+                let header = std::str::from_utf8(reply.get(1..end)?).ok()?;
+                (reply.first() == Some(&b'*')).then(|| header.parse::<usize>().ok())?
+            });
+            match (parsed, header_end) {
+                (Some(n), Some(end)) => {
+                    count += n;
+                    items.extend_from_slice(&reply[end + 2..]);
+                }
+                _ => return self.raw_node_command(command),
+            }
+        }
+        let mut joined = format!("*{count}\r\n").into_bytes();
+        joined.extend_from_slice(&items);
+        Ok(joined)
+    }
+
+    /// [`RedisServer::raw_command`] on this node only.
+    pub fn raw_node_command(&self, command: &str) -> std::io::Result<Vec<u8>> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         stream.write_all(format!("{command}\r\n").as_bytes())?;
@@ -162,6 +331,15 @@ impl Drop for RedisServer {
     }
 }
 
+/// The SHA-1 (hex) the backend sends with `EVALSHA` for its script `name` (`acquire`, `renew`,
+/// `commit`, `remove`, `release`), for [`FaultProxy::on_script`](crate::fault_proxy::FaultProxy::on_script);
+/// `None` for another name.
+pub fn script_sha1(name: &str) -> Option<String> {
+    crate::scripts::Scripts::new()
+        .named(name)
+        .map(|script| script.sha1().to_string())
+}
+
 fn program() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("REDIS_SERVER") {
         return Some(PathBuf::from(path));
@@ -170,6 +348,17 @@ fn program() -> Option<PathBuf> {
     std::env::split_paths(&paths)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
         .map(|dir| dir.join("redis-server"))
+        .find(|path| path.is_file())
+}
+
+fn cli_program() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("REDIS_CLI") {
+        return Some(PathBuf::from(path));
+    }
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join("redis-cli"))
         .find(|path| path.is_file())
 }
 

@@ -305,10 +305,17 @@ async fn connection_failures_are_errors_not_panics() {
             .unwrap();
         drop(server);
 
+        // Unavailable: the layer answers 503.
         let read = backend.get_unleased(b"k").await;
-        assert!(matches!(read, Err(BackendError::Other(_))), "{read:?}");
+        assert!(
+            matches!(read, Err(BackendError::Unavailable(_))),
+            "{read:?}"
+        );
         let lease = backend.lease(b"k", soon(1000)).await;
-        assert!(matches!(lease, Err(BackendError::Other(_))), "{lease:?}");
+        assert!(
+            matches!(lease, Err(BackendError::Unavailable(_))),
+            "{lease:?}"
+        );
         let message = lease.unwrap_err();
         let cause = std::error::Error::source(&message).unwrap().to_string();
         assert!(cause.contains("acquire lease"), "{cause}");

@@ -44,6 +44,10 @@ pub enum BackendError {
         /// The backend's limit.
         max: usize,
     },
+    /// The storage cannot be reached now (its server is down, restarting or cut off); the same
+    /// operation may succeed once it is back. The layer answers `503`.
+    #[error("the session store is unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// An I/O error in the backend.
     #[error("session store I/O error")]
     Io(#[source] std::io::Error),
@@ -145,6 +149,37 @@ pub trait BackendLease: Send + 'static {
 
     /// Gives the lease back; the next waiter gets it at once.
     fn release(self) -> impl Future<Output = ()> + Send;
+
+    /// [`BackendLease::commit`], then [`BackendLease::release`] whatever the commit's outcome. The
+    /// layer ends a changing request with it; a networked backend overrides it to do both in one
+    /// round trip.
+    fn commit_and_release(
+        mut self,
+        value: &[u8],
+        expires_at: SystemTime,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send
+    where
+        Self: Sized,
+    {
+        async move {
+            let result = self.commit(value, expires_at).await;
+            self.release().await;
+            result
+        }
+    }
+
+    /// [`BackendLease::remove`], then [`BackendLease::release`] whatever the removal's outcome; like
+    /// [`BackendLease::commit_and_release`].
+    fn remove_and_release(mut self) -> impl Future<Output = Result<(), BackendError>> + Send
+    where
+        Self: Sized,
+    {
+        async move {
+            let result = self.remove().await;
+            self.release().await;
+            result
+        }
+    }
 }
 
 impl SessionBackend for Store {
@@ -297,6 +332,34 @@ impl LayerLease {
             Self::Other(lease) => lease.release_dyn().await,
         }
     }
+
+    /// [`BackendLease::commit_and_release`].
+    pub(crate) async fn commit_and_release(
+        self,
+        value: &[u8],
+        expires_at: SystemTime,
+    ) -> Result<(), BackendError> {
+        match self {
+            Self::File(mut lease) => {
+                let result = lease.commit(value, expires_at);
+                lease.release();
+                Ok(result?)
+            }
+            Self::Other(lease) => lease.commit_and_release_dyn(value, expires_at).await,
+        }
+    }
+
+    /// [`BackendLease::remove_and_release`].
+    pub(crate) async fn remove_and_release(self) -> Result<(), BackendError> {
+        match self {
+            Self::File(mut lease) => {
+                let result = lease.remove();
+                lease.release();
+                Ok(result?)
+            }
+            Self::Other(lease) => lease.remove_and_release_dyn().await,
+        }
+    }
 }
 
 /// A boxed, sendable future.
@@ -363,6 +426,12 @@ pub(crate) trait DynLease: Send + 'static {
     ) -> BoxFuture<'a, Result<(), BackendError>>;
     fn remove_dyn(&mut self) -> BoxFuture<'_, Result<(), BackendError>>;
     fn release_dyn(self: Box<Self>) -> BoxFuture<'static, ()>;
+    fn commit_and_release_dyn<'a>(
+        self: Box<Self>,
+        value: &'a [u8],
+        expires_at: SystemTime,
+    ) -> BoxFuture<'a, Result<(), BackendError>>;
+    fn remove_and_release_dyn(self: Box<Self>) -> BoxFuture<'static, Result<(), BackendError>>;
 }
 
 impl<L: BackendLease> DynLease for L {
@@ -384,5 +453,17 @@ impl<L: BackendLease> DynLease for L {
 
     fn release_dyn(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(BackendLease::release(*self))
+    }
+
+    fn commit_and_release_dyn<'a>(
+        self: Box<Self>,
+        value: &'a [u8],
+        expires_at: SystemTime,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(BackendLease::commit_and_release(*self, value, expires_at))
+    }
+
+    fn remove_and_release_dyn(self: Box<Self>) -> BoxFuture<'static, Result<(), BackendError>> {
+        Box::pin(BackendLease::remove_and_release(*self))
     }
 }

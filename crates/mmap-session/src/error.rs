@@ -11,9 +11,10 @@ use crate::backend::BackendError;
 
 /// Why a session operation failed.
 ///
-/// It converts into a response (`?` in a handler works): [`SessionError::LeaseTimeout`] and a full
-/// store become `503 Service Unavailable` with `Retry-After: 1` (both pass),
-/// [`SessionError::Replaced`] a `409 Conflict`, everything else a plain `500`. The response never
+/// It converts into a response (`?` in a handler works): [`SessionError::LeaseTimeout`], a full
+/// store and an unavailable one ([`BackendError::Unavailable`]) become `503 Service Unavailable`
+/// with `Retry-After: 1` (all pass), [`SessionError::Replaced`] a `409 Conflict`, everything else
+/// a plain `500`. The response never
 /// carries details; the layer has already logged the cause.
 ///
 /// When the session could not be loaded (lease timeout, store failure), the layer replaces the
@@ -92,7 +93,9 @@ impl SessionError {
     pub fn status(&self) -> StatusCode {
         match self {
             SessionError::LeaseTimeout => StatusCode::SERVICE_UNAVAILABLE,
-            SessionError::Store(e) if matches!(**e, BackendError::StoreFull) => {
+            SessionError::Store(e)
+                if matches!(**e, BackendError::StoreFull | BackendError::Unavailable(_)) =>
+            {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             SessionError::Replaced => StatusCode::CONFLICT,

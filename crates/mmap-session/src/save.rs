@@ -144,10 +144,12 @@ async fn save(
     let ended = data.is_empty() || expires_at <= now;
 
     match found {
-        Some(mut found) if found.id == id => {
-            let result = save_in_place(
+        // `save_in_place` ends the lease (a write and the release go together, in one round trip
+        // where the backend can).
+        Some(found) if found.id == id => {
+            save_in_place(
                 shared,
-                &mut found,
+                found,
                 data,
                 size,
                 own_expiry,
@@ -156,9 +158,7 @@ async fn save(
                 ended,
                 now,
             )
-            .await;
-            found.lease.release().await;
-            result
+            .await
         }
         Some(mut found) => {
             // Cycled or flushed: the data moves to (or the handle continues as) `id`, and the old
@@ -240,10 +240,12 @@ async fn save(
     }
 }
 
+/// Saves the session under its own lease, and releases the lease (dropping it on an early
+/// error return releases it too).
 #[allow(clippy::too_many_arguments)]
 async fn save_in_place(
     shared: &Shared,
-    found: &mut Found,
+    found: Found,
     data: &serde_json::Map<String, serde_json::Value>,
     size: usize,
     own_expiry: Option<Expiry>,
@@ -258,7 +260,7 @@ async fn save_in_place(
     if ended {
         found
             .lease
-            .remove()
+            .remove_and_release()
             .await
             .map_err(|error| backend_failure(hash, "removing the session failed", error))?;
         tracing::debug!(session = %hash, "session removed");
@@ -270,6 +272,7 @@ async fn save_in_place(
     let refresh =
         expiry_changed || refresh_due(expiry, found.expires_at, now, config.refresh_interval);
     if !modified && !refresh {
+        found.lease.release().await;
         return Ok(None);
     }
     let expires_at = if refresh {
@@ -281,7 +284,7 @@ async fn save_in_place(
         let bytes = encode_checked(found.id, data, own_expiry, size, config)?;
         found
             .lease
-            .commit(&bytes, expires_at)
+            .commit_and_release(&bytes, expires_at)
             .await
             .map_err(|error| backend_failure(hash, "saving the session failed", error))?;
         tracing::debug!(session = %hash, len = bytes.len(), refresh, "session saved");
@@ -289,7 +292,7 @@ async fn save_in_place(
         // Unchanged: write the same bytes back with the later expiry, without re-encoding.
         found
             .lease
-            .commit(&found.raw, expires_at)
+            .commit_and_release(&found.raw, expires_at)
             .await
             .map_err(|error| backend_failure(hash, "refreshing the session failed", error))?;
         tracing::debug!(session = %hash, "session expiry refreshed");

@@ -1,0 +1,77 @@
+//! Helpers shared by the integration tests: an app served over real HTTP, and a small client.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use mmap_session::{ReadOnlySession, Session, SessionError, SessionLayer};
+use mmap_session_redis::RedisBackend;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Runs `body`, failing the test if it takes longer than `limit`.
+pub async fn bounded<F: Future>(limit: Duration, body: F) -> F::Output {
+    tokio::time::timeout(limit, body)
+        .await
+        .unwrap_or_else(|_| panic!("the test did not finish within {limit:?}"))
+}
+
+async fn count(session: Session) -> Result<String, SessionError> {
+    let n: u64 = session.get("n").await?.unwrap_or(0) + 1;
+    session.insert("n", n).await?;
+    Ok(n.to_string())
+}
+
+async fn peek(session: ReadOnlySession) -> String {
+    let n: u64 = session.get("n").ok().flatten().unwrap_or(0);
+    n.to_string()
+}
+
+/// The counter app (`/` counts, `/peek` reads without the lease) on a free port, with its
+/// sessions on `backend` and the layer's `lease_wait`.
+pub async fn serve(backend: RedisBackend, lease_wait: Duration) -> u16 {
+    let app = Router::new()
+        .route("/", get(count))
+        .route("/peek", get(peek))
+        .layer(SessionLayer::new(backend).lease_wait(lease_wait));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+/// A response: its status, its body and the session cookie it set, if any.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub cookie: Option<String>,
+}
+
+/// One `GET path` over a fresh connection, with `cookie` if given.
+pub async fn request(port: u16, path: &str, cookie: Option<&str>) -> Reply {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let cookie = cookie.map_or(String::new(), |cookie| format!("Cookie: {cookie}\r\n"));
+    let text = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{cookie}Connection: close\r\n\r\n");
+    stream.write_all(text.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap();
+    let cookie = head.lines().find_map(|line| {
+        let value = line.strip_prefix("set-cookie: ")?;
+        Some(value.split(';').next()?.to_owned())
+    });
+    Reply {
+        status,
+        body: body.to_owned(),
+        cookie,
+    }
+}

@@ -42,11 +42,15 @@ impl Expiry {
             Expiry::AtDateTime(at) => at,
             Expiry::OnSessionEnd | Expiry::OnInactivity(_) => {
                 let ttl = self.sliding_ttl().unwrap_or(BROWSER_SESSION_IDLE);
-                now.checked_add(ttl).unwrap_or(now)
+                now.checked_add(ttl.min(LONGEST_TTL)).unwrap_or(now)
             }
         }
     }
 }
+
+/// The longest a record is kept: an inactivity period beyond it (up to `Duration::MAX`) is
+/// taken as this, which every backend can store (Redis refuses an expiry past 2^63 ms).
+pub(crate) const LONGEST_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// Server-side inactivity limit of an [`Expiry::OnSessionEnd`] session: 24 hours.
 pub const BROWSER_SESSION_IDLE: Duration = Duration::from_secs(24 * 60 * 60);

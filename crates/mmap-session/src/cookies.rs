@@ -27,6 +27,9 @@ pub(crate) struct Candidates {
     ids: [Option<SessionId>; MAX_CANDIDATES],
     /// A value of the cookie's name was malformed, oversized or not signed by us.
     pub(crate) malformed: bool,
+    /// More well-formed values were sent than are tried: one of those not tried may name a
+    /// live session, so none of them may be expired.
+    pub(crate) untried: bool,
 }
 
 impl Candidates {
@@ -72,6 +75,7 @@ pub(crate) fn session_cookies(headers: &HeaderMap, config: &Config) -> Candidate
             match verify_value(value, config) {
                 Some(id) => {
                     if !found.push(id) {
+                        found.untried = true;
                         return found;
                     }
                 }

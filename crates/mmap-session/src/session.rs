@@ -263,7 +263,10 @@ impl SessionInner {
         // The client's id, if any, is never adopted: a new session always gets a fresh one.
         let mut loaded = Loaded::new_session(fresh_id()?);
         loaded.replaced = replaced;
-        loaded.stale_cookie = !self.cookie.is_empty() || self.cookie.malformed;
+        // Expired only if every value sent was tried: a live session's cookie may be among the
+        // ones that were not.
+        loaded.stale_cookie =
+            (!self.cookie.is_empty() || self.cookie.malformed) && !self.cookie.untried;
         Ok(loaded)
     }
 

@@ -1358,9 +1358,327 @@ async fn a_cookie_naming_a_gone_session_is_expired_when_the_session_is_touched(k
     }
 }
 
+// --- Review of issue 13's fixes: what still breaks from the outside ---
+
+/// Plays a browser's cookie jar for the session cookie: applies the responses' `Set-Cookie`
+/// headers in the order they arrive and returns the `name=value` pair the browser then sends,
+/// if any.
+fn jar_after(
+    mut pair: Option<String>,
+    responses: &[&axum::http::Response<axum::body::Body>],
+) -> Option<String> {
+    for response in responses {
+        for text in set_cookies(response) {
+            let cookie = cookie::Cookie::parse(text).unwrap();
+            if cookie.name() != "session" {
+                continue;
+            }
+            let removed = cookie.max_age() == Some(cookie::time::Duration::ZERO);
+            pair = (!removed).then(|| format!("session={}", cookie.value()));
+        }
+    }
+    pair
+}
+
+/// A page's long poll, sent with the browser's cookie before the user logs in and answered
+/// after: it reads the session, then waits at the gate.
+fn long_poll_app(layer: SessionLayer, gate: Gate) -> Router {
+    let plain_gate = gate.clone();
+    routes()
+        .route(
+            "/long-poll",
+            get(move |session: Session| {
+                let gate = gate.clone();
+                async move {
+                    let user: Option<String> = session.get("user").await?;
+                    gate.holding.notify_one();
+                    gate.release.notified().await;
+                    Ok::<_, SessionError>(user.unwrap_or_default())
+                }
+            }),
+        )
+        .route(
+            "/slow-plain",
+            get(move || {
+                let gate = plain_gate.clone();
+                async move {
+                    gate.holding.notify_one();
+                    gate.release.notified().await;
+                    "plain"
+                }
+            }),
+        )
+        .layer(layer)
+}
+
+async fn a_request_with_a_gone_cookie_answered_after_a_login_does_not_log_the_user_out(kind: Kind) {
+    let store = kind.store().await;
+    let gate = Gate::default();
+    let app = long_poll_app(SessionLayer::new(store.clone()), gate.clone());
+    // The browser holds the cookie of a session that has since gone (expired, evicted, removed).
+    let gone = new_session(&app).await;
+    let mut lease = store.hold(id_of(&gone).as_bytes()).await;
+    lease.remove().await.unwrap();
+    lease.release().await;
+
+    // A long poll of the page is in flight with that cookie...
+    let poll = tokio::spawn({
+        let (app, gone) = (app.clone(), gone.clone());
+        async move { get_req(&app, "/long-poll", Some(&gone)).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), gate.holding.notified())
+        .await
+        .expect("the long poll read the session");
+    // ...while the user logs in: a new session, and its cookie.
+    let login = send(&app, "POST", "/login", Some(&gone)).await;
+    assert_eq!(login.status(), StatusCode::OK);
+    let logged_in = cookie_pair(&login);
+    // The long poll is answered after the login.
+    gate.release.notify_one();
+    let poll = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the long poll was answered")
+        .unwrap();
+    assert_eq!(poll.status(), StatusCode::OK);
+    assert_eq!(
+        jar_after(Some(gone), &[&login, &poll]),
+        Some(logged_in),
+        "the long poll's Set-Cookie {:?} logged the user out",
+        set_cookies(&poll)
+    );
+}
+
+async fn a_request_with_a_malformed_cookie_answered_after_a_login_does_not_log_the_user_out(
+    kind: Kind,
+) {
+    let store = kind.store().await;
+    let gate = Gate::default();
+    let app = long_poll_app(SessionLayer::new(store.clone()), gate.clone());
+    // A value that is not ours (an older version of the site's cookie, say).
+    let malformed = "session=not-an-id".to_owned();
+
+    // A slow request that never touches the session is in flight with that cookie...
+    let slow = tokio::spawn({
+        let (app, malformed) = (app.clone(), malformed.clone());
+        async move { get_req(&app, "/slow-plain", Some(&malformed)).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), gate.holding.notified())
+        .await
+        .expect("the slow request reached the gate");
+    // ...while the user logs in: a new session, and its cookie.
+    let login = send(&app, "POST", "/login", Some(&malformed)).await;
+    assert_eq!(login.status(), StatusCode::OK);
+    let logged_in = cookie_pair(&login);
+    gate.release.notify_one();
+    let slow = tokio::time::timeout(Duration::from_secs(10), slow)
+        .await
+        .expect("the slow request was answered")
+        .unwrap();
+    assert_eq!(slow.status(), StatusCode::OK);
+    assert_eq!(
+        jar_after(Some(malformed), &[&login, &slow]),
+        Some(logged_in),
+        "the slow request's Set-Cookie {:?} logged the user out",
+        set_cookies(&slow)
+    );
+}
+
+async fn a_live_session_cookie_behind_the_candidates_tried_is_never_expired(kind: Kind) {
+    let store = kind.store().await;
+    let app = app(SessionLayer::new(store.clone()));
+    let live = new_session(&app).await;
+    // Four stale values of the name come first (more specific paths, or planted from a sibling
+    // subdomain); the live one is the fifth, and is not looked for.
+    let stale: Vec<String> = (1..=4).map(unknown_pair).collect();
+    let header = format!("{}; {live}", stale.join("; "));
+    let response = get_req(&app, "/n", Some(&header)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    // The stale cookies live under other paths or domains: a removal cookie with the layer's
+    // attributes hits only the live one.
+    assert_eq!(
+        jar_after(Some(live.clone()), &[&response]),
+        Some(live.clone()),
+        "a removal cookie expired the live session's cookie: {:?}",
+        set_cookies(&response)
+    );
+    assert!(store.get(id_of(&live).as_bytes()).await.is_some());
+}
+
+async fn the_longest_inactivity_period_keeps_the_session(kind: Kind) {
+    let store = kind.store().await;
+    let app = routes()
+        .route(
+            "/remember-forever",
+            post(|session: Session| async move {
+                session.insert("user", "ann").await?;
+                session
+                    .set_expiry(Some(Expiry::OnInactivity(Duration::MAX)))
+                    .await
+            }),
+        )
+        .layer(SessionLayer::new(store.clone()));
+    let response = send(&app, "POST", "/remember-forever", None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let cookies = set_cookies(&response);
+    let pair = jar_after(None, &[&response]);
+    assert!(
+        pair.is_some(),
+        "the session was not saved, or its cookie expired: {cookies:?}"
+    );
+    let pair = pair.unwrap();
+    assert!(store.get(id_of(&pair).as_bytes()).await.is_some());
+}
+
+async fn a_login_retried_after_its_answer_was_lost_is_not_refused(kind: Kind) {
+    let store = kind.store().await;
+    let app = app(SessionLayer::new(store.clone()));
+    let anonymous = new_session(&app).await;
+    // The server logs the user in, but the answer never reaches the browser (the connection
+    // dropped, a proxy timed out): the browser still holds the pre-login cookie.
+    let lost = send(&app, "POST", "/login", Some(&anonymous)).await;
+    assert_eq!(lost.status(), StatusCode::OK);
+    drop(lost);
+
+    // The user submits the login form again, with the only cookie the browser has.
+    let retry = send(&app, "POST", "/login", Some(&anonymous)).await;
+    assert_eq!(
+        retry.status(),
+        StatusCode::OK,
+        "the retried login was refused; the user cannot log in for REPLACED_GRACE"
+    );
+    let logged_in = cookie_pair(&retry);
+    assert!(store.get(id_of(&logged_in).as_bytes()).await.is_some());
+}
+
+/// A request in flight, driven by hand so that a handler's task can drop it (the client goes
+/// away) at an exact point.
+type InFlight = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<axum::response::Response, std::convert::Infallible>>
+            + Send,
+    >,
+>;
+
+thread_local! {
+    /// The request [`Disconnecting`] drops; per test thread (the test runs on a current-thread
+    /// runtime, so the handler's tasks run on that thread too).
+    static IN_FLIGHT: std::cell::RefCell<Option<InFlight>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Reads as a `u64`; while it is read (inside the session's access, with its state held), the
+/// client goes away: the request's future is dropped.
+struct Disconnecting;
+
+impl<'de> Deserialize<'de> for Disconnecting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let request = IN_FLIGHT.with(|slot| slot.borrow_mut().take());
+        assert!(request.is_some(), "the request was in flight");
+        drop(request);
+        u64::deserialize(deserializer)?;
+        Ok(Disconnecting)
+    }
+}
+
+async fn a_request_ended_during_an_access_releases_the_lease_when_the_next_waiting_access_is_cancelled(
+    kind: Kind,
+) {
+    let store = kind.store().await;
+    let backend = Counting::new(store.clone());
+    let (done, mut first_done) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let second_waits = Arc::new(Notify::new());
+    let keep = Arc::new(Notify::new());
+    let app = routes()
+        .route(
+            "/two-tasks",
+            post({
+                let (done, second_waits, keep) = (done.clone(), second_waits.clone(), keep.clone());
+                move |session: Session| {
+                    let (done, second_waits, keep) =
+                        (done.clone(), second_waits.clone(), keep.clone());
+                    async move {
+                        let second_slot: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>> =
+                            Arc::default();
+                        // The first task reads the session; the client goes away meanwhile.
+                        // It then cancels the second (a timeout, a select), and keeps its
+                        // handle a while, as a task of the handler's may.
+                        drop(tokio::spawn({
+                            let (session, second_slot) = (session.clone(), second_slot.clone());
+                            async move {
+                                let read = session.get::<Disconnecting>("n").await;
+                                if let Some(second) = second_slot.lock().unwrap().take() {
+                                    second.abort();
+                                }
+                                done.send(read.is_ok()).unwrap();
+                                keep.notified().await;
+                                drop(session);
+                            }
+                        }));
+                        // The second task waits for the session while the first holds it.
+                        let second = tokio::spawn({
+                            let session = session.clone();
+                            async move {
+                                second_waits.notify_one();
+                                drop(session.get::<u64>("n").await);
+                            }
+                        });
+                        *second_slot.lock().unwrap() = Some(second);
+                        std::future::pending::<Result<(), SessionError>>().await
+                    }
+                }
+            }),
+        )
+        .layer(SessionLayer::new(backend.clone()).lease_wait(Duration::from_millis(300)));
+    let pair = new_session(&app).await;
+
+    // Held elsewhere, so that the first task holds the session's state while it waits.
+    let held = store.hold(id_of(&pair).as_bytes()).await;
+    let leases = backend.leases();
+    let request = axum::http::Request::builder()
+        .method("POST")
+        .uri("/two-tasks")
+        .header(header::COOKIE, &pair)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let request: InFlight = Box::pin(tower::ServiceExt::oneshot(app.clone(), request));
+    IN_FLIGHT.with(|slot| *slot.borrow_mut() = Some(request));
+    std::future::poll_fn(|cx| {
+        IN_FLIGHT.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            assert!(slot.as_mut().unwrap().as_mut().poll(cx).is_pending());
+        });
+        std::task::Poll::Ready(())
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), backend.leases_asked(leases + 1))
+        .await
+        .expect("the first task waits for the session's lease");
+    tokio::time::timeout(Duration::from_secs(10), second_waits.notified())
+        .await
+        .expect("the second task waits for the session");
+    held.release().await;
+    tokio::time::timeout(Duration::from_secs(10), first_done.recv())
+        .await
+        .expect("the first task's read finished")
+        .unwrap();
+    // Let the cancellation of the second task happen.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+
+    // The request is over: its session's lease is free, whoever still holds a handle.
+    let response = get_req(&app, "/n", Some(&pair)).await;
+    assert_eq!(
+        text_status(response).await,
+        (StatusCode::OK, "1".into()),
+        "the lease of the ended request is still held"
+    );
+    keep.notify_one();
+}
+
 /// Makes a `file::NAME` and a `redis::NAME` test of each route test `NAME(kind: Kind)` listed (a
 /// route test left out of the list is dead code, which the lints refuse). `NAME: multi_thread`
-/// runs on a two-thread runtime.
+/// runs on a two-thread runtime; `NAME: open` marks a test of a hole not closed yet (ignored:
+/// `cargo test -- --ignored` runs it).
 macro_rules! every_backend {
     ($($name:ident $(: $flavor:ident)?),* $(,)?) => {
         every_backend!(@module file, File, $($name $(: $flavor)?),*);
@@ -1373,6 +1691,13 @@ macro_rules! every_backend {
     };
     (@test $kind:ident, $name:ident) => {
         #[tokio::test]
+        async fn $name() {
+            super::$name(super::Kind::$kind).await;
+        }
+    };
+    (@test $kind:ident, $name:ident: open) => {
+        #[tokio::test]
+        #[ignore = "a hole found by review and not closed yet"]
         async fn $name() {
             super::$name(super::Kind::$kind).await;
         }
@@ -1430,4 +1755,10 @@ every_backend! {
     a_request_of_a_session_cycled_while_it_waited_does_not_replace_the_new_cookie,
     a_malformed_session_cookie_is_expired_without_store_access,
     a_cookie_naming_a_gone_session_is_expired_when_the_session_is_touched,
+    a_request_with_a_gone_cookie_answered_after_a_login_does_not_log_the_user_out: open,
+    a_request_with_a_malformed_cookie_answered_after_a_login_does_not_log_the_user_out: open,
+    a_live_session_cookie_behind_the_candidates_tried_is_never_expired,
+    the_longest_inactivity_period_keeps_the_session,
+    a_login_retried_after_its_answer_was_lost_is_not_refused: open,
+    a_request_ended_during_an_access_releases_the_lease_when_the_next_waiting_access_is_cancelled: open,
 }

@@ -389,7 +389,7 @@ impl SessionInner {
     /// If another holder of the state (a task of the handler's, loading the session) has it
     /// now, that holder settles it when it lets go: it sees `abandoned`, set before the state
     /// is tried here.
-    pub(crate) fn abandon(&self) {
+    pub(crate) fn abandon(self: &Arc<Self>) {
         self.abandoned.store(true, Ordering::SeqCst);
         // Paired with the fence in `settle_if_abandoned`: either the state is free here, or its
         // holder, having let go, sees the flag.
@@ -399,26 +399,42 @@ impl SessionInner {
 
     /// Called after letting go of the state: if the request ended meanwhile, ends whatever
     /// state is left (unless someone else holds it now, who will call this in turn).
-    fn settle_if_abandoned(&self) {
+    fn settle_if_abandoned(self: &Arc<Self>) {
         fence(Ordering::SeqCst);
         if self.abandoned.load(Ordering::SeqCst) {
             self.settle();
         }
     }
 
-    /// Ends whatever state is left, if the state is free.
-    fn settle(&self) {
-        if let Ok(mut state) = self.state.try_lock() {
-            let previous = std::mem::replace(&mut *state, State::Finished);
-            drop(state);
-            if let State::Loaded(loaded) = &previous {
-                tracing::debug!(
-                    session = %loaded.id.short_hash(),
-                    "request abandoned before its response: the session is released unsaved"
-                );
+    /// Ends whatever state is left. If the state is held, its holder settles it when it lets
+    /// go; but the lock may also have been handed to an access that is then cancelled before it
+    /// runs (tokio's mutex passes the lock straight to the next waiter), and nobody would settle
+    /// it: so a task takes the lock in turn and settles it then (finding it finished, if the
+    /// holder did).
+    fn settle(self: &Arc<Self>) {
+        match self.state.try_lock() {
+            Ok(mut state) => Self::finish(&mut state),
+            Err(_) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let inner = Arc::clone(self);
+                    drop(runtime.spawn(async move {
+                        let mut state = inner.state.lock().await;
+                        Self::finish(&mut state);
+                    }));
+                }
             }
-            drop(previous);
         }
+    }
+
+    fn finish(state: &mut State) {
+        let previous = std::mem::replace(state, State::Finished);
+        if let State::Loaded(loaded) = &previous {
+            tracing::debug!(
+                session = %loaded.id.short_hash(),
+                "request abandoned before its response: the session is released unsaved"
+            );
+        }
+        drop(previous);
     }
 }
 

@@ -1760,5 +1760,5 @@ every_backend! {
     a_live_session_cookie_behind_the_candidates_tried_is_never_expired,
     the_longest_inactivity_period_keeps_the_session,
     a_login_retried_after_its_answer_was_lost_is_not_refused: open,
-    a_request_ended_during_an_access_releases_the_lease_when_the_next_waiting_access_is_cancelled: open,
+    a_request_ended_during_an_access_releases_the_lease_when_the_next_waiting_access_is_cancelled,
 }

@@ -44,7 +44,22 @@ impl Shared {
                 return Ok(block);
             }
             // A wholly free chunk of another class goes before any live record.
-            if !self.unclaim_free_chunks(class) && !self.evict_for(class) {
+            if self.unclaim_free_chunks(class) {
+                continue;
+            }
+            // Free blocks of this class may be off their list for a moment, popped by a live
+            // process giving chunks back: wait for them rather than evict a live record; if
+            // they stay out (that process is stalled), the store is full for now.
+            if self.giving_back(class) {
+                if let Some(block) = self.wait_for_give_back(class) {
+                    return Ok(block);
+                }
+                if self.giving_back(class) {
+                    break;
+                }
+                continue; // the give-back ended meanwhile: look again
+            }
+            if !self.evict_for(class) {
                 break;
             }
         }
@@ -186,6 +201,19 @@ impl Shared {
             if whole == 0 {
                 continue;
             }
+            // One give-back of a class at a time, marked so that allocators of the class know
+            // its free blocks are only out for a moment (a dead giver's mark is taken over).
+            let mark_off = Self::giving_back_off(class);
+            let Some(mark) = self.map.load_u64(mark_off, Ordering::Acquire) else {
+                continue;
+            };
+            if mark != 0 && self.holder_alive(mark as u32).unwrap_or(true) {
+                continue;
+            }
+            let token = u64::from(self.new_token());
+            if self.map.cas_u64(mark_off, mark, token).is_err() {
+                continue;
+            }
             let mut popped = Vec::new();
             while popped.len() < walked {
                 let Some(block) = self.pop(class) else { break };
@@ -216,8 +244,37 @@ impl Shared {
                 }
                 self.push(class, first, last);
             }
+            let _ = self.map.cas_u64(mark_off, token, 0);
         }
         gave_back
+    }
+
+    fn giving_back_off(class: usize) -> u64 {
+        (H_GIVING_BACK + class * 8) as u64
+    }
+
+    /// Whether a live process is giving chunks back from `class`'s free list right now.
+    fn giving_back(&self, class: usize) -> bool {
+        match self
+            .map
+            .load_u64(Self::giving_back_off(class), Ordering::Acquire)
+        {
+            Some(0) | None => false,
+            Some(mark) => self.holder_alive(mark as u32).unwrap_or(false),
+        }
+    }
+
+    /// Waits a little (a give-back holds blocks for microseconds) for a block of `class` to come
+    /// back to its free list. `None` if it did not, or the give-back ended without one.
+    fn wait_for_give_back(&self, class: usize) -> Option<u32> {
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(2);
+        while self.giving_back(class) && std::time::Instant::now() < until {
+            if let Some(block) = self.pop(class) {
+                return Some(block);
+            }
+            std::thread::yield_now();
+        }
+        self.pop(class)
     }
 
     /// Walks `class`'s free list without changing it (at most `budget` blocks; others may be

@@ -42,6 +42,9 @@ pub(crate) const H_BYTES_BASE: usize = 328;
 pub(crate) const H_DIRTY: usize = 336;
 /// Free-list heads, one word per size class: `ref (low 32) | ABA tag (high 32)`.
 pub(crate) const H_FREE_HEADS: usize = 512;
+/// Give-back marks, one word per size class: 0, or the token of the process giving chunks back
+/// from that class's free list (its blocks are then off the list for a moment).
+pub(crate) const H_GIVING_BACK: usize = 1024;
 
 /// Process registration slots (see `sys` and `store`): one 64-byte record each.
 pub(crate) const MAX_SLOTS: usize = 511;

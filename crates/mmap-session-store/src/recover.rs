@@ -85,6 +85,8 @@ impl Shared {
         for class in 0..CLASS_COUNT {
             self.map
                 .store_u64(Self::free_head_off(class), 0, Ordering::Relaxed);
+            self.map
+                .store_u64((H_GIVING_BACK + class * 8) as u64, 0, Ordering::Relaxed);
         }
         failpoint!("recover.entries_done");
         let mut last_claimed = 0;

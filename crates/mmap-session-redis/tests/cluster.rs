@@ -185,6 +185,10 @@ async fn a_primary_failed_over_under_load_loses_no_acknowledged_update() {
         // Let the load reach every primary, then fail one over to its replica.
         let started = Instant::now();
         while tally.acknowledged.load(Ordering::Relaxed) < 500 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the load never reached 500 updates"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let before = tally.acknowledged.load(Ordering::Relaxed);
@@ -209,6 +213,10 @@ async fn a_primary_failed_over_under_load_loses_no_acknowledged_update() {
         let promoted_after = failover_at.elapsed();
         // Carry on under load until as many updates again are acknowledged after the failover.
         while tally.acknowledged.load(Ordering::Relaxed) < 2 * before + 500 {
+            assert!(
+                failover_at.elapsed() < Duration::from_secs(120),
+                "the load did not go on after the failover"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         stop.store(true, Ordering::Relaxed);

@@ -43,7 +43,8 @@ async fn backend(url: String, ttl: Duration, timeout: Duration) -> RedisBackend 
 /// Not a test: the body of the child process of
 /// `a_killed_holders_session_is_served_again_within_the_default_lease_ttl`, which re-runs this
 /// binary with [`HOLDER_URL`] set. It takes the lease of `k` with the default configuration,
-/// commits, says `@held` and waits to be killed.
+/// commits, says `@held` and holds the lease until it is killed (or, should the test die first,
+/// until its standard input closes, so that no orphan outlives the run).
 #[test]
 fn holder_process_entry() {
     let Ok(url) = std::env::var(HOLDER_URL) else {
@@ -58,8 +59,11 @@ fn holder_process_entry() {
             .await
             .unwrap();
         println!("@held");
-        // Killed long before this ends; bounded so that an orphan never outlives the test run.
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)
+        })
+        .await;
         drop(lease);
     });
 }
@@ -77,6 +81,7 @@ async fn a_killed_holders_session_is_served_again_within_the_default_lease_ttl()
                 "1",
             ])
             .env(HOLDER_URL, server.url())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -11,22 +11,14 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use common::{bounded, request, serve};
+use common::{bounded, in_an_hour, request, serve, soon};
 use mmap_session::{BackendError, BackendLease as _, SessionBackend as _};
 use mmap_session_redis::test_server::RedisServer;
 use mmap_session_redis::RedisBackend;
 
 const LIMIT: Duration = Duration::from_secs(180);
-
-fn soon(ms: u64) -> Instant {
-    Instant::now() + Duration::from_millis(ms)
-}
-
-fn in_an_hour() -> SystemTime {
-    SystemTime::now() + Duration::from_secs(3600)
-}
 
 /// How many keys `node` holds.
 fn keys_on(node: &RedisServer) -> usize {

@@ -4,27 +4,18 @@
 //! proxy counts what it did) instead of sleeping.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
-use std::time::{Duration, Instant, SystemTime};
+mod common;
 
+use std::time::Duration;
+
+use common::{bounded, in_an_hour, soon};
 use mmap_session::{BackendError, BackendLease as _, SessionBackend as _};
 use mmap_session_redis::fault_proxy::{Fault, FaultProxy};
 use mmap_session_redis::test_server::{script_sha1, RedisServer};
 use mmap_session_redis::{RedisBackend, RedisConfig};
 
-async fn bounded<F: Future>(body: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(60), body)
-        .await
-        .expect("the test did not finish within 60 s")
-}
-
-fn soon(ms: u64) -> Instant {
-    Instant::now() + Duration::from_millis(ms)
-}
-
-fn in_an_hour() -> SystemTime {
-    SystemTime::now() + Duration::from_secs(3600)
-}
+/// How long any one test of this file may take.
+const LIMIT: Duration = Duration::from_secs(60);
 
 fn sha(script: &str) -> String {
     script_sha1(script).expect("a script of the backend")
@@ -60,7 +51,7 @@ async fn assert_free(backend: &RedisBackend, key: &[u8]) {
 
 #[tokio::test]
 async fn an_acquire_whose_reply_was_lost_is_taken_when_the_client_sends_it_again() {
-    bounded(async {
+    bounded(LIMIT, async {
         let (_server, proxy, backend) = start(|config| config).await;
         let lost = proxy.on_script(Fault::DropReply, 1, &sha("acquire"));
         // The acquire runs, its reply is lost with the connection, and the client sends it again:
@@ -80,7 +71,7 @@ async fn an_acquire_whose_reply_was_lost_is_taken_when_the_client_sends_it_again
 
 #[tokio::test]
 async fn an_acquire_cut_off_mid_script_is_taken_when_the_client_sends_it_again() {
-    bounded(async {
+    bounded(LIMIT, async {
         let (_server, proxy, backend) = start(|config| config).await;
         let cut = proxy.on_script(Fault::CutAfter, 1, &sha("acquire"));
         let mut lease = backend.lease(b"k", soon(3000)).await.unwrap();
@@ -94,7 +85,7 @@ async fn an_acquire_cut_off_mid_script_is_taken_when_the_client_sends_it_again()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acquire_delayed_past_the_release_of_its_cancelled_request_leaves_no_lease() {
-    bounded(async {
+    bounded(LIMIT, async {
         let (_server, proxy, backend) = start(|config| config).await;
         let held = proxy.on_script(Fault::Hold, 1, &sha("acquire"));
         let released = proxy.on_script(Fault::Observe, 1, &sha("release"));
@@ -118,7 +109,7 @@ async fn an_acquire_delayed_past_the_release_of_its_cancelled_request_leaves_no_
 
 #[tokio::test]
 async fn a_release_whose_reply_was_lost_still_frees_the_lease() {
-    bounded(async {
+    bounded(LIMIT, async {
         let (_server, proxy, backend) = start(|config| config).await;
         let lost = proxy.on_script(Fault::DropReply, 1, &sha("release"));
         let mut lease = backend.lease(b"k", soon(1000)).await.unwrap();
@@ -136,7 +127,7 @@ async fn a_release_whose_reply_was_lost_still_frees_the_lease() {
 
 #[tokio::test]
 async fn a_commit_cut_off_mid_script_is_written_once_and_the_lease_kept() {
-    bounded(async {
+    bounded(LIMIT, async {
         let (_server, proxy, backend) = start(|config| config).await;
         let cut = proxy.on_script(Fault::CutAfter, 1, &sha("commit"));
         let mut lease = backend.lease(b"k", soon(1000)).await.unwrap();
@@ -160,7 +151,7 @@ async fn a_commit_cut_off_mid_script_is_written_once_and_the_lease_kept() {
 
 #[tokio::test]
 async fn a_commit_and_release_whose_reply_was_lost_is_answered_done_when_sent_again() {
-    bounded(async {
+    bounded(LIMIT, async {
         let (_server, proxy, backend) = start(|config| config).await;
         let lost = proxy.on_script(Fault::DropReply, 1, &sha("commit_release"));
         let lease = backend.lease(b"k", soon(1000)).await.unwrap();
@@ -179,7 +170,7 @@ async fn a_commit_and_release_whose_reply_was_lost_is_answered_done_when_sent_ag
 
 #[tokio::test]
 async fn a_commit_and_release_cut_off_before_it_ran_is_sent_again_and_done() {
-    bounded(async {
+    bounded(LIMIT, async {
         let (_server, proxy, backend) = start(|config| config).await;
         let cut = proxy.on_script(Fault::CutBefore, 1, &sha("commit_release"));
         let lease = backend.lease(b"k", soon(1000)).await.unwrap();

@@ -7,23 +7,15 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use common::{bounded, request, serve};
+use common::{bounded, in_an_hour, request, serve, soon};
 use mmap_session::{BackendLease as _, SessionBackend as _};
 use mmap_session_redis::fault_proxy::{Fault, FaultProxy, RuleHandle};
 use mmap_session_redis::test_server::{script_sha1, RedisServer};
 use mmap_session_redis::{RedisBackend, RedisConfig};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn soon(ms: u64) -> Instant {
-    Instant::now() + Duration::from_millis(ms)
-}
-
-fn in_an_hour() -> SystemTime {
-    SystemTime::now() + Duration::from_secs(3600)
-}
 
 /// A rule that counts every command through `proxy` (its replies).
 fn count_all(proxy: &FaultProxy) -> RuleHandle {

@@ -3,11 +3,13 @@
 //! within the TTL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
+mod common;
+
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use common::{bounded, in_an_hour, soon};
 use mmap_session::{BackendError, BackendLease as _, SessionBackend as _};
 use mmap_session_redis::fault_proxy::{Fault, FaultProxy};
 use mmap_session_redis::test_server::{script_sha1, RedisServer};
@@ -16,19 +18,8 @@ use mmap_session_redis::{RedisBackend, RedisConfig, DEFAULT_LEASE_TTL};
 /// Set in the child process: the URL of the server to hold a lease on.
 const HOLDER_URL: &str = "MMAP_SESSION_REDIS_HOLDER_URL";
 
-async fn bounded<F: Future>(body: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(60), body)
-        .await
-        .expect("the test did not finish within 60 s")
-}
-
-fn soon(ms: u64) -> Instant {
-    Instant::now() + Duration::from_millis(ms)
-}
-
-fn in_an_hour() -> SystemTime {
-    SystemTime::now() + Duration::from_secs(3600)
-}
+/// How long any one test of this file may take.
+const LIMIT: Duration = Duration::from_secs(60);
 
 /// A backend whose leases live `ttl` past their last renewal, renewed for at most `timeout`.
 async fn backend(url: String, ttl: Duration, timeout: Duration) -> RedisBackend {
@@ -70,7 +61,7 @@ fn holder_process_entry() {
 
 #[tokio::test]
 async fn a_killed_holders_session_is_served_again_within_the_default_lease_ttl() {
-    bounded(async {
+    bounded(LIMIT, async {
         let server = RedisServer::start().unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
@@ -129,7 +120,7 @@ async fn a_killed_holders_session_is_served_again_within_the_default_lease_ttl()
 
 #[tokio::test]
 async fn a_live_holder_keeps_its_lease_past_the_ttl_and_saves_its_changes() {
-    bounded(async {
+    bounded(LIMIT, async {
         let server = RedisServer::start().unwrap();
         let ttl = Duration::from_millis(300);
         let holder = backend(server.url(), ttl, Duration::from_secs(30)).await;
@@ -153,7 +144,7 @@ async fn a_live_holder_keeps_its_lease_past_the_ttl_and_saves_its_changes() {
 
 #[tokio::test]
 async fn a_slow_request_that_nobody_contends_with_saves_its_changes() {
-    bounded(async {
+    bounded(LIMIT, async {
         let server = RedisServer::start().unwrap();
         let proxy = FaultProxy::start(server.port()).await.unwrap();
         let ttl = Duration::from_millis(300);
@@ -175,7 +166,7 @@ async fn a_slow_request_that_nobody_contends_with_saves_its_changes() {
 
 #[tokio::test]
 async fn a_lease_is_renewed_only_up_to_the_lease_timeout_and_then_writes_nothing() {
-    bounded(async {
+    bounded(LIMIT, async {
         let server = RedisServer::start().unwrap();
         let ttl = Duration::from_millis(150);
         let timeout = Duration::from_millis(600);

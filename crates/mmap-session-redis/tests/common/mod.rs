@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unreachable_pub)]
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::routing::get;
 use axum::Router;
@@ -16,6 +16,16 @@ pub async fn bounded<F: Future>(limit: Duration, body: F) -> F::Output {
     tokio::time::timeout(limit, body)
         .await
         .unwrap_or_else(|_| panic!("the test did not finish within {limit:?}"))
+}
+
+/// A deadline `ms` milliseconds from now.
+pub fn soon(ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(ms)
+}
+
+/// An expiry an hour from now.
+pub fn in_an_hour() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(3600)
 }
 
 async fn count(session: Session) -> Result<String, SessionError> {

@@ -211,7 +211,11 @@ impl Shared {
             return false;
         };
         // Only a key's tag is given up; only the lease holder of a keyed entry changes it.
-        tag & 3 == 2 && self.map.cas_u64(tag_off, tag, TAG_VACATED).is_ok()
+        let given_up = tag & 3 == 2 && self.map.cas_u64(tag_off, tag, TAG_VACATED).is_ok();
+        if given_up {
+            failpoint!("index.key_given_up");
+        }
+        given_up
     }
 }
 

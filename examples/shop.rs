@@ -12,6 +12,10 @@
 //! Flags as for the counter example: `--listen`, `--store`, `--insecure-cookies` (cookies without
 //! `Secure`, for plain http), `--reuse-port` (several processes on one port; each response then
 //! closes its connection, so that the kernel can hand the next page to another process).
+//!
+//! `GET /metrics` answers the process's metrics in the Prometheus text format: the session
+//! layer's and the store's (README, "Metrics"). Each process answers its own; a real deployment
+//! would serve them on an address of their own, not through the public proxy.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,6 +26,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
 use clap::Parser;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use mmap_session::{SessionError, TypedSession};
 use serde::{Deserialize, Serialize};
 
@@ -299,6 +304,36 @@ async fn close_connection(mut response: Response) -> Response {
     response
 }
 
+/// Histogram buckets: lease waits in seconds, encoded sessions in bytes.
+const LEASE_WAIT_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+];
+const SIZE_BUCKETS: &[f64] = &[64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0];
+
+/// Installs the Prometheus recorder (before the layer serves its first request, so that the
+/// layer's metrics reach it) and a task that keeps its histograms bounded between scrapes.
+fn install_metrics() -> Result<PrometheusHandle, Box<dyn std::error::Error>> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("mmap_session_lease_wait_seconds".into()),
+            LEASE_WAIT_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("mmap_session_encoded_size_bytes".into()),
+            SIZE_BUCKETS,
+        )?
+        .install_recorder()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            ticks.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
 fn app() -> Router {
     Router::new()
         .route("/", get(home))
@@ -315,9 +350,14 @@ async fn main() -> ExitCode {
     common::init_tracing();
     let cli = Cli::parse();
     let result = async {
+        let metrics = install_metrics()?;
         let layer = common::session_layer(&cli.server).await?;
         let listener = common::bind(&cli.server)?;
-        let mut app = app().layer(layer);
+        // Outside the session layer: a scrape touches no session.
+        let mut app = app().layer(layer).route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        );
         if cli.server.reuse_port {
             app = app.layer(axum::middleware::map_response(close_connection));
         }

@@ -614,6 +614,9 @@ impl RedisBackend {
                     holding.confirmed = true;
                     holding.turn = turn_slot(turn.take());
                     if overdue && generation > 1 {
+                        // Its holder stopped renewing it: dead, stopped or cut off from Redis.
+                        metrics::counter!("mmap_session_takeovers_total", "reason" => "lease_expired")
+                            .increment(1);
                         tracing::warn!(key = keys.short(), generation, "{TAKEOVER}");
                     }
                     // The server set the TTL after `sent`: counting from `sent` errs early.

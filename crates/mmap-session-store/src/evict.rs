@@ -103,8 +103,14 @@ impl Shared {
         self.release_internal(state_off, token);
         if removed {
             let counter = match why {
-                Removal::Expired => S_EXPIRED,
-                Removal::Evicted { .. } => S_EVICTIONS,
+                Removal::Expired => {
+                    crate::metrics::expired_reclaimed();
+                    S_EXPIRED
+                }
+                Removal::Evicted { .. } => {
+                    crate::metrics::eviction();
+                    S_EVICTIONS
+                }
             };
             self.count(counter, 1);
         }

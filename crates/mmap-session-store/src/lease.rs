@@ -147,6 +147,7 @@ impl Lease {
                     && s.publish(self.state_off, self.token, 0).is_ok()
                 {
                     s.count(crate::layout::S_EXPIRED, 1);
+                    crate::metrics::expired_reclaimed();
                 }
             }
         }

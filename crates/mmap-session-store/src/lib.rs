@@ -71,6 +71,7 @@ mod lease;
 mod local;
 mod lock;
 mod map;
+mod metrics;
 mod open;
 mod record;
 mod recover;

@@ -9,6 +9,7 @@ use crate::error::StoreError;
 use crate::index::KeyHash;
 use crate::layout::*;
 use crate::map::Wake;
+use crate::metrics::TakeoverReason;
 use crate::store::Shared;
 use crate::sys;
 
@@ -124,6 +125,14 @@ impl Shared {
                 if self.map.cas_u64(off, s, new).is_ok() {
                     failpoint!("lock.taken_over");
                     self.count(S_TAKEOVERS, 1);
+                    crate::metrics::takeovers(
+                        if overdue {
+                            TakeoverReason::HolderStalled
+                        } else {
+                            TakeoverReason::HolderDied
+                        },
+                        1,
+                    );
                     tracing::warn!(
                         holder_slot = token_slot(held),
                         reason = if overdue {
@@ -264,6 +273,7 @@ impl Shared {
         }
         if released > 0 {
             self.count(S_TAKEOVERS, released);
+            crate::metrics::takeovers(TakeoverReason::HolderDied, released);
             tracing::warn!(
                 slot = self.slot,
                 released,

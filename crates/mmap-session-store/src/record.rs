@@ -83,6 +83,7 @@ impl Shared {
 
     pub(crate) fn report_invalid(&self, kh: &KeyHash, reason: &'static str) {
         self.count(S_CHECKSUM_FAILURES, 1);
+        crate::metrics::checksum_failure();
         tracing::warn!(key = %kh.short(), reason, "session record failed verification; treating it as absent");
     }
 

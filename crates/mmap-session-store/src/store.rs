@@ -438,6 +438,18 @@ impl Store {
     pub fn stats(&self) -> Stats {
         self.shared.stats()
     }
+
+    /// Records the file's gauges through the [`metrics`](https://docs.rs/metrics) facade, from
+    /// [`Store::stats`]: `mmap_session_store_live_sessions`, `mmap_session_store_used_bytes`,
+    /// `mmap_session_store_file_bytes` and `mmap_session_store_capacity_bytes`. Nothing is
+    /// recorded without a recorder. `mmap-session`'s layer calls it every second; call it
+    /// yourself (before each scrape, say) when using the store without the layer.
+    ///
+    /// The store's counters (take-overs, evictions, expired records reclaimed, checksum
+    /// failures) are recorded as the events happen, by the process they happen in.
+    pub fn record_gauges(&self) {
+        crate::metrics::gauges(&self.shared.stats());
+    }
 }
 
 impl Shared {

@@ -83,6 +83,7 @@ mod envelope;
 mod error;
 mod extract;
 mod id;
+mod metrics;
 pub mod middleware;
 mod read_only;
 mod save;

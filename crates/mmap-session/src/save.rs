@@ -13,6 +13,7 @@ use crate::cookies::{self, InvalidCookieConfig};
 use crate::envelope;
 use crate::error::{plain_response, SessionError};
 use crate::id::SessionId;
+use crate::metrics::{self, Outcome};
 use crate::session::{
     backend_failure, deadline_after, encode_failure, fresh_id, Found, Loaded, SessionInner, Shared,
     State,
@@ -30,7 +31,10 @@ pub(crate) async fn finish(inner: Arc<SessionInner>, mut response: Response) -> 
         State::Unloaded | State::Finished => return response,
         // The cause was logged when loading failed; whatever the handler answered, it could not have
         // done what it meant to with the session.
-        State::Failed(error) => return plain_response(error.status()),
+        State::Failed(error) => {
+            metrics::outcome(Outcome::Refused);
+            return plain_response(error.status());
+        }
         State::Loaded(loaded) => loaded,
     };
     let config = &inner.shared.config;
@@ -46,15 +50,42 @@ pub(crate) async fn finish(inner: Arc<SessionInner>, mut response: Response) -> 
         if let Some(found) = loaded.found {
             found.lease.release().await;
         }
+        metrics::outcome(Outcome::Unchanged);
         return response;
     }
-    match save(&inner.shared, loaded).await {
-        Ok(Some(cookie)) => {
-            response.headers_mut().append(SET_COOKIE, cookie);
+    let now = SystemTime::now();
+    let outcome = planned_outcome(&loaded, config, now);
+    match save(&inner.shared, loaded, now).await {
+        Ok(cookie) => {
+            metrics::outcome(outcome);
+            if let Some(cookie) = cookie {
+                response.headers_mut().append(SET_COOKIE, cookie);
+            }
             response
         }
-        Ok(None) => response,
-        Err(error) => plain_response(error.status()),
+        Err(error) => {
+            metrics::outcome(Outcome::Refused);
+            plain_response(error.status())
+        }
+    }
+}
+
+/// Whether the session ends when saved: emptied, or past a fixed expiry.
+fn ends(loaded: &Loaded, config: &Config, now: SystemTime) -> bool {
+    let expiry = loaded.expiry.unwrap_or(config.expiry);
+    loaded.data.is_empty() || expiry.expires_at(now) <= now
+}
+
+/// What [`save`] does with `loaded` if it succeeds, for `mmap_session_requests_total`.
+fn planned_outcome(loaded: &Loaded, config: &Config, now: SystemTime) -> Outcome {
+    let ended = ends(loaded, config, now);
+    match &loaded.found {
+        Some(_) if ended => Outcome::Removed,
+        Some(found) if found.id != loaded.id || loaded.modified => Outcome::Saved,
+        Some(_) => Outcome::Unchanged,
+        None if loaded.replaced => Outcome::Unchanged,
+        None if ended => Outcome::Empty,
+        None => Outcome::New,
     }
 }
 
@@ -101,6 +132,7 @@ fn encode_checked(
         tracing::error!(session = %loaded_id.short_hash(), %error, "the session does not encode; nothing was written");
         error
     })?;
+    metrics::encoded_size(bytes.len());
     if bytes.len() > config.max_size {
         tracing::warn!(
             session = %loaded_id.short_hash(),
@@ -124,11 +156,12 @@ fn encode_checked(
 async fn save(
     shared: &Shared,
     mut loaded: Box<Loaded>,
+    now: SystemTime,
 ) -> Result<Option<HeaderValue>, SessionError> {
     let config = &shared.config;
     // Fail on a cookie configuration that cannot be sent before writing anything.
     let tail = shared.cookie_tail().map_err(invalid_config)?;
-    let now = SystemTime::now();
+    let ended = ends(&loaded, config, now);
     let found = loaded.found.take();
     let mut id = loaded.id;
     let data = &loaded.data;
@@ -140,8 +173,6 @@ async fn save(
     );
     let expiry = own_expiry.unwrap_or(config.expiry);
     let expires_at = expiry.expires_at(now);
-    // A fixed expiry in the past ends the session now.
-    let ended = data.is_empty() || expires_at <= now;
 
     match found {
         // `save_in_place` ends the lease (a write and the release go together, in one round trip

@@ -15,6 +15,7 @@ use crate::cookies::{self, Candidates, InvalidCookieConfig};
 use crate::envelope::{self, EncodeError, Stored};
 use crate::error::SessionError;
 use crate::id::{LogName, SessionId};
+use crate::metrics::{self, Outcome};
 use crate::read_only::ReadOnlySession;
 
 /// What the layer shares with every request: the backend and the configuration.
@@ -27,6 +28,8 @@ pub(crate) struct Shared {
     pub(crate) cookie_tail: std::sync::OnceLock<Result<String, InvalidCookieConfig>>,
     /// Stored sessions found undecodable, by every clone of the layer.
     pub(crate) undecodable: Arc<AtomicU64>,
+    /// The task recording the store's gauges has been started (see [`metrics::start_gauges`]).
+    pub(crate) gauges: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -39,6 +42,11 @@ impl Shared {
             Ok(tail) => Ok(tail),
             Err(error) => Err(*error),
         }
+    }
+
+    /// True after the first call: whether the gauges' task was started already.
+    pub(crate) fn gauges_started(&self) -> bool {
+        self.gauges.load(Ordering::Relaxed) || self.gauges.swap(true, Ordering::Relaxed)
     }
 }
 
@@ -241,6 +249,7 @@ pub(crate) fn fresh_id() -> Result<SessionId, SessionError> {
 pub(crate) fn backend_failure(session: LogName, what: &str, error: BackendError) -> SessionError {
     match &error {
         BackendError::LeaseTimeout => {
+            metrics::lease_timeout();
             tracing::warn!(session = %session, "{what}: timed out waiting for the session's lease");
         }
         other => tracing::error!(session = %session, error = %other, "{what}"),
@@ -274,6 +283,7 @@ impl SessionInner {
         let backend = &self.shared.backend;
         let hash = id.log_name();
         // A cookie that names no live session takes no lease at all.
+        let asked = Instant::now();
         let deadline = deadline_after(self.shared.config.lease_wait);
         let lease = backend
             .lease_existing(id.as_bytes(), deadline)
@@ -283,6 +293,7 @@ impl SessionInner {
             tracing::debug!(session = %hash, "the cookie names no live session");
             return Ok(Existing::Absent);
         };
+        metrics::lease_wait(asked.elapsed());
         let record = match lease.load().await {
             Ok(record) => record,
             Err(error) => {
@@ -332,6 +343,7 @@ impl SessionInner {
     /// Logs and counts a stored session that does not decode.
     fn undecodable(&self, session: LogName, error: &serde_json::Error) -> SessionError {
         self.shared.undecodable.fetch_add(1, Ordering::Relaxed);
+        metrics::undecodable();
         tracing::error!(
             session = %session,
             category = ?error.classify(),
@@ -876,6 +888,7 @@ impl Session {
             };
             match envelope::decode(&record.value) {
                 Ok(Stored::Session(decoded)) => {
+                    metrics::outcome(Outcome::Loaded);
                     return Ok(ReadOnlySession::new(Some(id), Arc::new(decoded.data)));
                 }
                 Ok(Stored::Replaced) => {}

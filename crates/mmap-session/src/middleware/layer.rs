@@ -59,6 +59,7 @@ impl SessionLayer {
                 config: Config::default(),
                 cookie_tail: std::sync::OnceLock::new(),
                 undecodable: Arc::default(),
+                gauges: Arc::default(),
             }),
         }
     }

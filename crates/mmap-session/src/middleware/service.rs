@@ -8,6 +8,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use crate::cookies;
+use crate::metrics;
 use crate::session::{Session, Shared};
 
 /// The service built by [`SessionLayer`](crate::SessionLayer): gives every request a lazy
@@ -54,6 +55,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        metrics::start_gauges(&self.shared);
         let cookie = cookies::session_cookies(request.headers(), &self.shared.config);
         let session = Session::new(Arc::clone(&self.shared), cookie);
         let guard = session.guard();

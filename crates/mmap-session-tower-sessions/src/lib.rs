@@ -55,10 +55,12 @@
 
 mod adapter;
 mod error;
+mod lease_layer;
 mod record;
 
 pub use adapter::MmapStore;
 pub use error::MmapStoreError;
+pub use lease_layer::{in_request_scope, LeaseLayer, LeaseService};
 
 /// The store file this adapter works on (`mmap-session-store`), re-exported so that an
 /// application needs no second dependency to open it.

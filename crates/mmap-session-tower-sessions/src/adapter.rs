@@ -11,9 +11,10 @@ use crate::error::MmapStoreError;
 use crate::lease_layer::Scope;
 use crate::record::{decode, encode, key_of, short_hash, store_expiry};
 
-/// How long an operation waits for a session's lease by default. The adapter holds a lease only
-/// for the copy of one record in or out (microseconds), so a wait this long means a holder that
-/// keeps it for a whole request (the `mmap-session` layer on the same file) or a stopped process.
+/// How long an operation waits for a session's lease by default. Without a `LeaseLayer` the
+/// adapter holds a lease only for the copy of one record in or out (microseconds); inside one, for
+/// a whole request, so a wait this long means a queue of slow requests on one session or a stopped
+/// process.
 const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// The longest wait [`MmapStore::with_lease_wait`] accepts.
@@ -30,7 +31,9 @@ const MAX_ID_DRAWS: u32 = 32;
 /// Each operation takes the session's busy lease in the file only for the copy of its record
 /// (create, save, delete) or not at all (load), so concurrent requests of one session are not
 /// serialised: as with every tower-sessions store, the last save of two overlapping requests wins.
-/// For sessions that never lose an update, use `mmap_session::SessionLayer` instead.
+/// For sessions that never lose an update, put a [`LeaseLayer`](crate::LeaseLayer) around
+/// tower-sessions' layer: inside it, `load` takes the lease and keeps it until the response is
+/// ready.
 ///
 /// Runs on tokio, as tower-sessions does: waiting for a busy lease needs a runtime with timers
 /// (as `#[tokio::main]` builds), and `delete_expired` uses the blocking pool. Cheap to clone;
@@ -82,8 +85,9 @@ impl MmapStore {
         }
     }
 
-    /// How long `create`, `save` and `delete` wait for a session's lease held by someone else
-    /// before they fail (5 s unless set; a wait longer than a day is cut to a day).
+    /// How long `create`, `save` and `delete` (and `load` inside a
+    /// [`LeaseLayer`](crate::LeaseLayer)) wait for a session's lease held by someone else before
+    /// they fail (5 s unless set; a wait longer than a day is cut to a day).
     ///
     /// # Examples
     ///

@@ -159,7 +159,7 @@ impl Drop for CloseOnDrop {
 /// - **No store access, no cost in the store**: a request that does not touch its session, or has
 ///   no session cookie, takes no lease. A new session is created under its own (fresh) id, which
 ///   nobody else can be using.
-/// - **First access** (`Store::load`): waits for the session's lease, at most
+/// - **First access** (`SessionStore::load`): waits for the session's lease, at most
 ///   [`MmapStore::with_lease_wait`](crate::MmapStore::with_lease_wait) (5 s), then reads the
 ///   session under it and keeps the lease. An id the store does not hold takes no lease.
 /// - **Response ready** (`save`, `delete`, including those of `cycle_id` and `flush`): written
@@ -181,6 +181,10 @@ impl Drop for CloseOnDrop {
 /// wrap the task's future in [`in_request_scope`] to let it use the request's lease. And the
 /// first access should happen in the request itself (or in a task wrapped so), since a session
 /// first loaded outside the scope is not leased.
+///
+/// The layer must be outside `SessionManagerLayer`: inside it, the scope would end before
+/// tower-sessions saves. And requests of one session are serialised only among the processes
+/// that all use it.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LeaseLayer {
     _private: (),

@@ -20,7 +20,8 @@
 //! `ts-sqlite` (tower-sessions 0.14 + tower-sessions-sqlx-store 0.15 over `--sqlite-path`, WAL,
 //! `synchronous=NORMAL`), `mmap-redis` (mmap-session over its Redis backend, `--redis-url`),
 //! `ts-mmap` (tower-sessions 0.15 over the file store through mmap-session-tower-sessions,
-//! `--store`). SIGTERM or Ctrl-C stops it gracefully.
+//! `--store`), `ts-mmap-lease` (the same with the adapter's `LeaseLayer`, which holds a session's
+//! lease for the whole request). SIGTERM or Ctrl-C stops it gracefully.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -65,6 +66,8 @@ enum Backend {
     MmapRedis,
     /// tower-sessions 0.15 over the file store (mmap-session-tower-sessions).
     TsMmap,
+    /// The same, with the adapter's `LeaseLayer` around tower-sessions' layer.
+    TsMmapLease,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -310,13 +313,18 @@ async fn build(cli: &Cli) -> Result<Router, Box<dyn std::error::Error>> {
             routes::<mmap_session::Session, mmap_session::ReadOnlySession>(app)
                 .layer(mmap_session::SessionLayer::new(backend).secure(false))
         }
-        Backend::TsMmap => {
+        Backend::TsMmap | Backend::TsMmapLease => {
             let path = required(&cli.store, "--store")?;
             let store = mmap_session::store::Store::open(path)
                 .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
             let store = mmap_session_tower_sessions::MmapStore::new(store);
-            routes::<ts15::Session, ts15::Session>(app)
-                .layer(ts15::SessionManagerLayer::new(store).with_secure(false))
+            let router = routes::<ts15::Session, ts15::Session>(app)
+                .layer(ts15::SessionManagerLayer::new(store).with_secure(false));
+            if cli.backend == Backend::TsMmapLease {
+                router.layer(mmap_session_tower_sessions::LeaseLayer::new())
+            } else {
+                router
+            }
         }
         Backend::TsMemory => {
             let store = ts15::MemoryStore::default();

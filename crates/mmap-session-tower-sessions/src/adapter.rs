@@ -8,11 +8,13 @@ use tower_sessions_core::session::{Id, Record};
 use tower_sessions_core::session_store::{self, ExpiredDeletion, SessionStore};
 
 use crate::error::MmapStoreError;
+use crate::lease_layer::Scope;
 use crate::record::{decode, encode, key_of, short_hash, store_expiry};
 
-/// How long an operation waits for a session's lease by default. The adapter holds a lease only
-/// for the copy of one record in or out (microseconds), so a wait this long means a holder that
-/// keeps it for a whole request (the `mmap-session` layer on the same file) or a stopped process.
+/// How long an operation waits for a session's lease by default. Without a `LeaseLayer` the
+/// adapter holds a lease only for the copy of one record in or out (microseconds); inside one, for
+/// a whole request, so a wait this long means a queue of slow requests on one session or a stopped
+/// process.
 const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// The longest wait [`MmapStore::with_lease_wait`] accepts.
@@ -29,7 +31,9 @@ const MAX_ID_DRAWS: u32 = 32;
 /// Each operation takes the session's busy lease in the file only for the copy of its record
 /// (create, save, delete) or not at all (load), so concurrent requests of one session are not
 /// serialised: as with every tower-sessions store, the last save of two overlapping requests wins.
-/// For sessions that never lose an update, use `mmap_session::SessionLayer` instead.
+/// For sessions that never lose an update, put a [`LeaseLayer`](crate::LeaseLayer) around
+/// tower-sessions' layer: inside it, `load` takes the lease and keeps it until the response is
+/// ready.
 ///
 /// Runs on tokio, as tower-sessions does: waiting for a busy lease needs a runtime with timers
 /// (as `#[tokio::main]` builds), and `delete_expired` uses the blocking pool. Cheap to clone;
@@ -81,8 +85,9 @@ impl MmapStore {
         }
     }
 
-    /// How long `create`, `save` and `delete` wait for a session's lease held by someone else
-    /// before they fail (5 s unless set; a wait longer than a day is cut to a day).
+    /// How long `create`, `save` and `delete` (and `load` inside a
+    /// [`LeaseLayer`](crate::LeaseLayer)) wait for a session's lease held by someone else before
+    /// they fail (5 s unless set; a wait longer than a day is cut to a day).
     ///
     /// # Examples
     ///
@@ -125,6 +130,7 @@ impl MmapStore {
                 operation,
                 waited: self.lease_wait,
             },
+            StoreError::LeaseLost => MmapStoreError::LeaseLost { session, operation },
             source => MmapStoreError::Store {
                 session,
                 operation,
@@ -190,18 +196,103 @@ impl MmapStore {
     fn load_record(&self, id: &Id) -> Option<Record> {
         let key = key_of(id);
         let stored = self.store.get(&key)?;
-        match decode(*id, &stored.value) {
+        self.record_from(id, &key, &stored.value)
+    }
+
+    /// The record of session `id` from its stored value; `None` if it has expired by its own
+    /// date or is not a tower-sessions record (logged).
+    fn record_from(&self, id: &Id, key: &[u8], value: &[u8]) -> Option<Record> {
+        match decode(*id, value) {
             // The store's expiry has millisecond resolution; the record's own is exact.
             Ok(record) if record.expiry_date > time::OffsetDateTime::now_utc() => Some(record),
             Ok(_) => None,
             Err(reason) => {
                 tracing::warn!(
-                    session = %short_hash(&key),
+                    session = %short_hash(key),
                     %reason,
                     "a stored session is not a tower-sessions record; treating it as absent"
                 );
                 None
             }
+        }
+    }
+
+    /// `load` inside a [`LeaseLayer`](crate::LeaseLayer) scope: reads the session under its
+    /// lease and keeps the lease in the scope until the response is ready.
+    async fn load_leased(&self, scope: &Scope, id: &Id) -> Result<Option<Record>, MmapStoreError> {
+        let key = key_of(id);
+        let file = self.store.path();
+        let _gate = scope.gate().await;
+        // Loaded again in the same request (`Session::load`): read under the lease we hold.
+        if let Some(value) = scope.with_held(file, &key, |lease| lease.read()) {
+            return Ok(value.and_then(|stored| self.record_from(id, &key, &stored.value)));
+        }
+        if scope.is_closed() {
+            return Ok(self.load_record(id));
+        }
+        // An id the store does not hold (an old or forged cookie) costs no lease.
+        let deadline = Instant::now() + self.lease_wait;
+        let Some(lease) = self
+            .store
+            .lease_existing(&key, deadline)
+            .await
+            .map_err(|source| self.failure(&key, "load", source))?
+        else {
+            return Ok(None);
+        };
+        let record = lease
+            .read()
+            .and_then(|stored| self.record_from(id, &key, &stored.value));
+        if record.is_some() {
+            scope.keep(file, key, lease);
+        } else {
+            // Gone while we waited, or expired or damaged: tower-sessions starts a new session
+            // under a fresh id, which needs no lease from us.
+            lease.release();
+        }
+        Ok(record)
+    }
+
+    /// `save` inside a scope: through the lease the scope holds for the session, if it holds one.
+    async fn save_leased(&self, scope: &Scope, record: &Record) -> Result<(), MmapStoreError> {
+        let key = key_of(&record.id);
+        let _gate = scope.gate().await;
+        let held = scope.with_held(self.store.path(), &key, |lease| {
+            // Only a holder that lost the lease to a take-over can find the record gone.
+            if lease.read().is_none() {
+                tracing::debug!(
+                    session = %short_hash(&key),
+                    "not saved: the session was deleted, expired or evicted since it was loaded"
+                );
+                return Ok(());
+            }
+            let value = encode(record).map_err(|source| MmapStoreError::Encode {
+                session: short_hash(&key),
+                source,
+            })?;
+            lease
+                .commit(&value, store_expiry(record.expiry_date))
+                .map_err(|source| self.failure(&key, "save", source))
+        });
+        match held {
+            Some(result) => result,
+            None => self.save_record(record).await,
+        }
+    }
+
+    /// `delete` inside a scope: through the lease the scope holds for the session (kept until
+    /// the response is ready), if it holds one.
+    async fn delete_leased(&self, scope: &Scope, id: &Id) -> Result<(), MmapStoreError> {
+        let key = key_of(id);
+        let _gate = scope.gate().await;
+        let held = scope.with_held(self.store.path(), &key, |lease| {
+            lease
+                .remove()
+                .map_err(|source| self.failure(&key, "delete", source))
+        });
+        match held {
+            Some(result) => result,
+            None => self.delete_record(id).await,
         }
     }
 
@@ -221,30 +312,61 @@ impl MmapStore {
     }
 }
 
+/// Tells the request's scope, if any, that the store was unavailable, so that the
+/// [`LeaseLayer`](crate::LeaseLayer) answers `503`.
+fn noted<T>(scope: Option<&Scope>, result: Result<T, MmapStoreError>) -> Result<T, MmapStoreError> {
+    if let (Some(scope), Err(error)) = (scope, &result) {
+        if error.is_unavailable() {
+            scope.mark_unavailable();
+        }
+    }
+    result
+}
+
 #[async_trait]
 impl SessionStore for MmapStore {
     /// Stores a new session. If its id is already taken (tower-sessions issue #180), draws fresh
     /// ids until one is free and updates `record.id`; the check and the write happen under the
     /// id's lease, so two processes never both create the same id.
     async fn create(&self, record: &mut Record) -> session_store::Result<()> {
-        Ok(self.create_record(record).await?)
+        let scope = Scope::current();
+        Ok(noted(scope.as_deref(), self.create_record(record).await)?)
     }
 
     /// Replaces a session's record under its lease. A session that was deleted, has expired or
-    /// was evicted since it was loaded is not written back.
+    /// was evicted since it was loaded is not written back. Inside a
+    /// [`LeaseLayer`](crate::LeaseLayer), writes through the lease held since the load.
     async fn save(&self, record: &Record) -> session_store::Result<()> {
-        Ok(self.save_record(record).await?)
+        let scope = Scope::current();
+        let result = match &scope {
+            Some(scope) => self.save_leased(scope, record).await,
+            None => self.save_record(record).await,
+        };
+        Ok(noted(scope.as_deref(), result)?)
     }
 
     /// Reads a session without taking its lease. Expired, missing and damaged records are all
-    /// `None`; a damaged one is logged (by the short hash of its id) as a warning.
+    /// `None`; a damaged one is logged (by the short hash of its id) as a warning. Inside a
+    /// [`LeaseLayer`](crate::LeaseLayer), waits for the session's lease and keeps it until the
+    /// response is ready.
     async fn load(&self, id: &Id) -> session_store::Result<Option<Record>> {
-        Ok(self.load_record(id))
+        let scope = Scope::current();
+        let result = match &scope {
+            Some(scope) => self.load_leased(scope, id).await,
+            None => Ok(self.load_record(id)),
+        };
+        Ok(noted(scope.as_deref(), result)?)
     }
 
-    /// Removes a session under its lease. Removing a missing session succeeds.
+    /// Removes a session under its lease. Removing a missing session succeeds. Inside a
+    /// [`LeaseLayer`](crate::LeaseLayer), removes through the lease held since the load.
     async fn delete(&self, id: &Id) -> session_store::Result<()> {
-        Ok(self.delete_record(id).await?)
+        let scope = Scope::current();
+        let result = match &scope {
+            Some(scope) => self.delete_leased(scope, id).await,
+            None => self.delete_record(id).await,
+        };
+        Ok(noted(scope.as_deref(), result)?)
     }
 }
 

@@ -33,10 +33,26 @@ pub enum MmapStoreError {
     LeaseTimeout {
         /// Short hash of the session's id.
         session: String,
-        /// What the adapter was doing: `create`, `save` or `delete`.
+        /// What the adapter was doing: `create`, `load` (inside a
+        /// [`LeaseLayer`](crate::LeaseLayer)), `save` or `delete`.
         operation: &'static str,
         /// How long it waited.
         waited: Duration,
+    },
+    /// The request held the session's lease (inside a [`LeaseLayer`](crate::LeaseLayer)) for
+    /// longer than the store's lease timeout while another request waited, and that request took
+    /// the lease over. Nothing was written, so the stalled request cannot overwrite the newer
+    /// state.
+    #[error(
+        "session {session}: {operation} refused: this request held the session's lease past the \
+         store's lease timeout and another request took it over; nothing was written (raise \
+         Options::lease_timeout if requests legitimately take this long)"
+    )]
+    LeaseLost {
+        /// Short hash of the session's id.
+        session: String,
+        /// What the adapter was doing: `save` or `delete`.
+        operation: &'static str,
     },
     /// The store refused the operation (full, value too large, file damaged, I/O). Nothing was
     /// written.
@@ -60,6 +76,21 @@ pub enum MmapStoreError {
     /// down).
     #[error("purging expired sessions did not complete: {0}")]
     Purge(#[source] tokio::task::JoinError),
+}
+
+impl MmapStoreError {
+    /// Whether the store was unavailable rather than the request wrong: a lease wait that timed
+    /// out, or a full store. A [`LeaseLayer`](crate::LeaseLayer) answers these with `503`.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            MmapStoreError::LeaseTimeout { .. }
+                | MmapStoreError::Store {
+                    source: StoreError::StoreFull,
+                    ..
+                }
+        )
+    }
 }
 
 impl From<MmapStoreError> for session_store::Error {

@@ -20,7 +20,8 @@
 //!
 //! - **Sharing between processes** through [`Store`](mmap_session_store::Store): a load copies
 //!   the record out of shared memory without any lock; a create, save or delete takes the
-//!   session's busy lease in the file only while the record is copied in.
+//!   session's busy lease in the file only while the record is copied in (inside a
+//!   [`LeaseLayer`], from the request's first access to its response).
 //! - **Crash safety**: a process killed at any moment leaves each session at its old or its new
 //!   state, and a lease whose holder died is taken over within milliseconds.
 //! - **No id collision** ([`SessionStore::create`](tower_sessions_core::SessionStore::create)):
@@ -34,16 +35,31 @@
 //!   [`ExpiredDeletion::delete_expired`](tower_sessions_core::ExpiredDeletion::delete_expired)
 //!   purges them all at once.
 //!
-//! # What it does not give
+//! # No lost update: [`LeaseLayer`]
 //!
 //! tower-sessions calls its store at the first access of a request and again when the response is
-//! ready, and has no hook through which a store could hold a lock from one to the other. So no
-//! lease is held across a request: when two requests of one session overlap (in one process or
-//! two), each saves the state it loaded plus its own change, and the change of the one that saves
-//! first is lost. That is true of every tower-sessions store. If that matters (counters, carts,
-//! anything read-modify-write), use `mmap_session::SessionLayer` over the same kind of file: it
-//! holds the session's busy lease for the whole request, so the second request waits and sees the
-//! first one's change.
+//! ready, with nothing in between, so on its own the adapter holds no lease across a request: when
+//! two requests of one session overlap (in one process or two), each saves the state it loaded
+//! plus its own change, and the change of the one that saves first is lost, as with every
+//! tower-sessions store. Put [`LeaseLayer`] around tower-sessions' layer and the session's busy
+//! lease is held from the request's first access to its session until its response is ready: the
+//! second request waits and sees the first one's change, as with `mmap_session::SessionLayer`.
+//!
+//! ```no_run
+//! # use mmap_session_tower_sessions::{store::Store, LeaseLayer, MmapStore};
+//! # use tower_sessions::SessionManagerLayer;
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = MmapStore::new(Store::open("/var/lib/myapp/sessions")?);
+//! let app: axum::Router = axum::Router::new()
+//!     // .route(...)
+//!     .layer(SessionManagerLayer::new(store))
+//!     .layer(LeaseLayer::new());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! See [`LeaseLayer`] for what it does with cancelled requests, lease waits that run out (`503`),
+//! stalled holders, and tasks spawned by handlers ([`in_request_scope`]).
 //!
 //! Give this adapter a file of its own: the `mmap-session` layer stores its sessions in another
 //! format, and each treats the other's records as damaged (absent).
@@ -55,10 +71,12 @@
 
 mod adapter;
 mod error;
+mod lease_layer;
 mod record;
 
 pub use adapter::MmapStore;
 pub use error::MmapStoreError;
+pub use lease_layer::{in_request_scope, LeaseLayer, LeaseService};
 
 /// The store file this adapter works on (`mmap-session-store`), re-exported so that an
 /// application needs no second dependency to open it.

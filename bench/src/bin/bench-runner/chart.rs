@@ -5,9 +5,9 @@ use std::fmt::Write as _;
 
 use crate::{Results, CASES, WORKLOADS};
 
-pub(crate) const COLORS: [&str; 9] = [
+pub(crate) const COLORS: [&str; 10] = [
     "#9e9e9e", "#616161", "#1565c0", "#42a5f5", "#ef6c00", "#c62828", "#6a1b9a", "#2e7d32",
-    "#00838f",
+    "#00838f", "#ad1457",
 ];
 const WIDTH: f64 = 1000.0;
 const LABEL: f64 = 175.0;

@@ -19,6 +19,7 @@ pub(crate) enum Backend {
     TsSqlite,
     MmapRedis,
     TsMmap,
+    TsMmapLease,
 }
 
 impl Backend {
@@ -31,6 +32,7 @@ impl Backend {
             Self::TsSqlite => "ts-sqlite",
             Self::MmapRedis => "mmap-redis",
             Self::TsMmap => "ts-mmap",
+            Self::TsMmapLease => "ts-mmap-lease",
         }
     }
 }

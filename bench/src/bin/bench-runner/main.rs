@@ -136,7 +136,7 @@ pub(crate) struct Case {
 /// The session payload of the large-session workload.
 const LARGE_BYTES: usize = 16 * 1024;
 
-pub(crate) const CASES: [Case; 9] = [
+pub(crate) const CASES: [Case; 10] = [
     Case {
         id: "1a",
         label: "bare axum, 1 process",
@@ -189,6 +189,12 @@ pub(crate) const CASES: [Case; 9] = [
         id: "8",
         label: "tower-sessions 0.15 + mmap-session file store (adapter), 3 processes + nginx",
         backend: Backend::TsMmap,
+        processes: 3,
+    },
+    Case {
+        id: "9",
+        label: "tower-sessions 0.15 + adapter + its LeaseLayer, 3 processes + nginx",
+        backend: Backend::TsMmapLease,
         processes: 3,
     },
 ];

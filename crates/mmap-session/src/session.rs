@@ -731,13 +731,34 @@ impl Session {
     /// `409 Conflict`), and sends no `Set-Cookie`. It never reaches the new session: the old id
     /// leads nowhere, so a fixated id stays useless.
     ///
+    /// Except a request that itself calls `cycle_id` (before any other change): that is a login
+    /// sent again, say because the answer to the first one was lost. It goes on as a new, empty
+    /// session with a fresh id, and its cookie replaces the first login's in the browser (the
+    /// last login wins); the first login's session stays where it is, unreachable through the
+    /// old cookie. Call `cycle_id` only at login (or logout-and-login): a request racing a login
+    /// that calls it for another reason (a periodic rotation, say) also starts a new session,
+    /// and its cookie would replace the logged-in one.
+    ///
     /// # Errors
     ///
     /// Load errors (see [`SessionError`]).
     pub async fn cycle_id(&self) -> Result<(), SessionError> {
         let new_id = fresh_id()?;
         self.with_loaded(move |loaded, _| {
-            loaded.check_changeable()?;
+            if loaded.replaced {
+                // A login on a cookie whose session another request replaced moments ago: a
+                // login sent again (its first answer lost, or the form submitted twice), not a
+                // request racing the first one. It goes on as a new session of its own, which
+                // holds nothing of the replaced one (whose id it does not adopt, and whose data
+                // it never saw), and sends its own cookie: the last login wins. If it saves
+                // nothing, it sends nothing, not even a removal.
+                tracing::debug!(
+                    session = %new_id.short_hash(),
+                    "a login on a replaced session's cookie starts a new session"
+                );
+                loaded.replaced = false;
+                loaded.stale_cookie = false;
+            }
             loaded.id = new_id;
             loaded.modified = true;
             Ok(())

@@ -1548,6 +1548,40 @@ async fn a_login_retried_after_its_answer_was_lost_is_not_refused(kind: Kind) {
     );
     let logged_in = cookie_pair(&retry);
     assert!(store.get(id_of(&logged_in).as_bytes()).await.is_some());
+    // A new session, with nothing of the one the old cookie named (`n` was set before the first
+    // login): an old, maybe attacker-known id never leads to a session's data.
+    assert_ne!(id_of(&logged_in), id_of(&anonymous));
+    let read = get_req(&app, "/n", Some(&logged_in)).await;
+    assert_eq!(text_status(read).await, (StatusCode::OK, "0".into()));
+    // A request with the old cookie that is not a login is still refused and sends no cookie.
+    let racing = send(&app, "POST", "/n", Some(&anonymous)).await;
+    assert_eq!(racing.status(), StatusCode::CONFLICT);
+    assert!(
+        set_cookies(&racing).is_empty(),
+        "{:?}",
+        set_cookies(&racing)
+    );
+}
+
+/// A login that calls `cycle_id` with a cookie replaced moments ago but then saves nothing sends
+/// nothing: not a removal, which would log out the login that replaced the cookie.
+async fn a_login_on_a_replaced_cookie_that_saves_nothing_sends_no_cookie(kind: Kind) {
+    let store = kind.store().await;
+    let app = routes()
+        .route(
+            "/rotate",
+            post(|session: Session| async move { session.cycle_id().await }),
+        )
+        .layer(SessionLayer::new(store.clone()));
+    let anonymous = new_session(&app).await;
+    let login = send(&app, "POST", "/login", Some(&anonymous)).await;
+    let logged_in = cookie_pair(&login);
+    let rotate = send(&app, "POST", "/rotate", Some(&anonymous)).await;
+    assert_eq!(rotate.status(), StatusCode::OK);
+    assert_eq!(
+        jar_after(Some(logged_in.clone()), &[&rotate]),
+        Some(logged_in)
+    );
 }
 
 /// A request in flight, driven by hand so that a handler's task can drop it (the client goes
@@ -1759,6 +1793,7 @@ every_backend! {
     a_request_with_a_malformed_cookie_answered_after_a_login_does_not_log_the_user_out: open,
     a_live_session_cookie_behind_the_candidates_tried_is_never_expired,
     the_longest_inactivity_period_keeps_the_session,
-    a_login_retried_after_its_answer_was_lost_is_not_refused: open,
+    a_login_retried_after_its_answer_was_lost_is_not_refused,
+    a_login_on_a_replaced_cookie_that_saves_nothing_sends_no_cookie,
     a_request_ended_during_an_access_releases_the_lease_when_the_next_waiting_access_is_cancelled,
 }

@@ -22,14 +22,15 @@ pub(crate) const MAX_CANDIDATES: usize = 4;
 
 /// What the request's `Cookie` headers say about the session cookie: the ids to try, in the
 /// order the browser sent them, and whether a value was not ours.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Candidates {
     ids: [Option<SessionId>; MAX_CANDIDATES],
     /// A value of the cookie's name was malformed, oversized or not signed by us.
     pub(crate) malformed: bool,
     /// The store key standing for the first malformed value (see [`malformed_key`]): no session
-    /// lives there, only the marker a login on that cookie leaves.
-    pub(crate) malformed_key: Option<[u8; MALFORMED_KEY_LEN]>,
+    /// lives there, only the marker a login on that cookie leaves. Boxed: most requests have
+    /// none, and every request carries this struct.
+    pub(crate) malformed_key: Option<Box<[u8; MALFORMED_KEY_LEN]>>,
     /// More well-formed values were sent than are tried: one of those not tried may name a
     /// live session, so none of them may be expired.
     pub(crate) untried: bool,
@@ -57,7 +58,7 @@ impl Candidates {
             .map(|id| id.as_bytes().as_slice())
             .chain(
                 self.malformed_key
-                    .as_ref()
+                    .as_deref()
                     .map(<[u8; MALFORMED_KEY_LEN]>::as_slice),
             )
     }
@@ -96,7 +97,8 @@ pub(crate) fn session_cookies(headers: &HeaderMap, config: &Config) -> Candidate
                         "ignored a session cookie that is malformed or not signed by us"
                     );
                     if !found.malformed {
-                        found.malformed_key = Some(malformed_key(&config.cookie_name, value));
+                        found.malformed_key =
+                            Some(Box::new(malformed_key(&config.cookie_name, value)));
                     }
                     found.malformed = true;
                 }

@@ -744,9 +744,9 @@ impl Session {
     /// sent again, say because the answer to the first one was lost. It goes on as a new, empty
     /// session with a fresh id, and its cookie replaces the first login's in the browser (the
     /// last login wins); the first login's session stays where it is, unreachable through the
-    /// old cookie. Call `cycle_id` only at login: a request racing a login
-    /// that calls it for another reason (a periodic rotation, say) also starts a new session,
-    /// and its cookie would replace the logged-in one.
+    /// old cookie. Call `cycle_id` only at login: a request racing a login that calls it for
+    /// another reason (a periodic rotation, say) also starts a new session, and its cookie
+    /// would replace the logged-in one.
     ///
     /// On a request whose cookie names no session (unknown, ended, malformed), the new session is
     /// saved as any new one, and the same marker is left under that cookie (for a malformed value,

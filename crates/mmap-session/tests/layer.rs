@@ -1580,6 +1580,77 @@ async fn answers_replacing_a_stale_cookie_wait_for_its_key(kind: Kind) {
     }
 }
 
+async fn a_login_on_a_stale_cookie_that_cannot_be_marked_is_undone(kind: Kind) {
+    let store = kind.store().await;
+    let backend = Faulty::new(store.clone());
+    let app = long_poll_app(SessionLayer::new(backend.clone()), Gate::default());
+    let gone = gone_cookie(&app, &store).await;
+    backend.committed.lock().unwrap().clear();
+    *backend.fail_writes_to.lock().unwrap() = Some(id_of(&gone).as_bytes().to_vec());
+
+    let response = send(&app, "POST", "/login", Some(&gone)).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        set_cookies(&response).is_empty(),
+        "{:?}",
+        set_cookies(&response)
+    );
+    let committed = backend.committed.lock().unwrap().clone();
+    assert_eq!(committed.len(), 1, "the new session was written first");
+    assert!(
+        store.get(&committed[0]).await.is_none(),
+        "and removed again when the marker could not be left"
+    );
+    assert!(store.get(id_of(&gone).as_bytes()).await.is_none());
+
+    // Once the store takes writes again, the login goes through.
+    *backend.fail_writes_to.lock().unwrap() = None;
+    let response = send(&app, "POST", "/login", Some(&gone)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let logged_in = cookie_pair(&response);
+    assert_eq!(
+        text(get_req(&app, "/user", Some(&logged_in)).await).await,
+        "ann"
+    );
+}
+
+/// A removal is only a courtesy: when the cookie's key cannot be checked for a login's marker
+/// (its lease stays busy), none is sent, rather than one that might log a login out.
+async fn a_removal_whose_key_cannot_be_checked_is_not_sent(kind: Kind) {
+    let store = kind.store().await;
+    let gate = Gate::default();
+    let app = long_poll_app(
+        SessionLayer::new(store.clone()).lease_wait(Duration::from_millis(200)),
+        gate.clone(),
+    );
+    let gone = gone_cookie(&app, &store).await;
+    // The long poll reads the session (the cookie names none); while it waits, another holder
+    // takes the cookie's key and keeps it past the long poll's answer.
+    let poll = tokio::spawn({
+        let (app, gone) = (app.clone(), gone.clone());
+        async move { get_req(&app, "/long-poll", Some(&gone)).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), gate.holding.notified())
+        .await
+        .expect("the long poll read the session");
+    let held = store.hold(id_of(&gone).as_bytes()).await;
+    gate.release.notify_one();
+    let response = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the long poll was answered")
+        .unwrap();
+    assert!(
+        set_cookies(&response).is_empty(),
+        "{:?}",
+        set_cookies(&response)
+    );
+    assert_eq!(text_status(response).await, (StatusCode::OK, String::new()));
+    held.release().await;
+    let response = get_req(&app, "/n", Some(&gone)).await;
+    let removal = the_set_cookie(&response);
+    assert_eq!(removal.max_age(), Some(cookie::time::Duration::ZERO));
+}
+
 async fn a_request_with_a_malformed_cookie_answered_after_a_login_does_not_log_the_user_out(
     kind: Kind,
 ) {
@@ -1912,6 +1983,8 @@ every_backend! {
     a_request_with_a_gone_cookie_answered_after_a_login_does_not_log_the_user_out,
     a_change_with_a_gone_cookie_answered_after_a_login_is_refused,
     answers_replacing_a_stale_cookie_wait_for_its_key,
+    a_login_on_a_stale_cookie_that_cannot_be_marked_is_undone,
+    a_removal_whose_key_cannot_be_checked_is_not_sent,
     a_request_with_a_malformed_cookie_answered_after_a_login_does_not_log_the_user_out,
     a_session_request_with_a_malformed_cookie_answered_after_a_login_does_not_log_the_user_out,
     a_live_session_cookie_behind_the_candidates_tried_is_never_expired,

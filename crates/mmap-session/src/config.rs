@@ -235,7 +235,8 @@ pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 /// or logout, which waited for the session or was on its way) sees an empty session that it may
 /// not change ([`SessionError::Replaced`](crate::SessionError::Replaced), `409 Conflict`) and
 /// sends no `Set-Cookie`, so the cookie the login or logout sent stays in the browser. Later, the
-/// old cookie names no session: it is expired when a handler touches the session.
+/// old cookie names no session: it is expired when a handler touches the session. A login on a
+/// cookie that named no session leaves the same marker under that cookie.
 pub const REPLACED_GRACE: Duration = Duration::from_secs(60);
 /// Default for [`SessionLayer::lease_wait`](crate::SessionLayer::lease_wait): five seconds.
 pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(5);

@@ -22,11 +22,15 @@ pub(crate) const MAX_CANDIDATES: usize = 4;
 
 /// What the request's `Cookie` headers say about the session cookie: the ids to try, in the
 /// order the browser sent them, and whether a value was not ours.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Candidates {
     ids: [Option<SessionId>; MAX_CANDIDATES],
     /// A value of the cookie's name was malformed, oversized or not signed by us.
     pub(crate) malformed: bool,
+    /// The store key standing for the first malformed value (see [`malformed_key`]): no session
+    /// lives there, only the marker a login on that cookie leaves. Boxed: most requests have
+    /// none, and every request carries this struct.
+    pub(crate) malformed_key: Option<Box<[u8; MALFORMED_KEY_LEN]>>,
     /// More well-formed values were sent than are tried: one of those not tried may name a
     /// live session, so none of them may be expired.
     pub(crate) untried: bool,
@@ -43,11 +47,20 @@ impl Candidates {
         self.ids[0].is_none()
     }
 
-    /// True if the request carries a session cookie value that is certainly not a session: a
-    /// malformed one, and no well-formed one that might name a live session. Its removal needs
-    /// no store access.
-    pub(crate) fn only_malformed(&self) -> bool {
-        self.malformed && self.is_empty()
+    /// The store keys of the values sent, each once: the well-formed ids, then the key that
+    /// stands for the first malformed value. A login on a cookie none of which names a session
+    /// leaves its marker under each; a request that would expire or replace that cookie looks
+    /// for the marker under each.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.ids
+            .iter()
+            .map_while(Option::as_ref)
+            .map(|id| id.as_bytes().as_slice())
+            .chain(
+                self.malformed_key
+                    .as_deref()
+                    .map(<[u8; MALFORMED_KEY_LEN]>::as_slice),
+            )
     }
 
     fn push(&mut self, id: SessionId) -> bool {
@@ -83,12 +96,30 @@ pub(crate) fn session_cookies(headers: &HeaderMap, config: &Config) -> Candidate
                     tracing::debug!(
                         "ignored a session cookie that is malformed or not signed by us"
                     );
+                    if !found.malformed {
+                        found.malformed_key =
+                            Some(Box::new(malformed_key(&config.cookie_name, value)));
+                    }
                     found.malformed = true;
                 }
             }
         }
     }
     found
+}
+
+/// Length of [`malformed_key`]: longer than a session id's 16 bytes, so that it never names a
+/// session.
+pub(crate) const MALFORMED_KEY_LEN: usize = 32;
+
+/// The store key that stands for a malformed value of the session cookie: a BLAKE3 hash of the
+/// cookie's name and value (the value itself never reaches the store or the logs).
+fn malformed_key(name: &str, value: &[u8]) -> [u8; MALFORMED_KEY_LEN] {
+    let mut hasher = blake3::Hasher::new_derive_key("mmap-session malformed session cookie v1");
+    hasher.update(name.as_bytes());
+    hasher.update(b"=");
+    hasher.update(value);
+    *hasher.finalize().as_bytes()
 }
 
 /// The values of the cookies called `name` in one `Cookie` header: `name=value` pairs separated by
@@ -310,9 +341,26 @@ mod tests {
         );
         let found = session_cookies(&headers(&header), &config);
         assert_eq!(found.ids().collect::<Vec<_>>(), ids[..MAX_CANDIDATES]);
-        assert!(found.malformed && !found.only_malformed());
+        assert!(found.malformed);
+        // The ids' keys, then one key for the malformed value.
+        let keys: Vec<&[u8]> = found.keys().collect();
+        assert_eq!(keys.len(), MAX_CANDIDATES + 1);
+        assert_eq!(keys[0], ids[0].as_bytes());
+        assert_eq!(keys[MAX_CANDIDATES].len(), MALFORMED_KEY_LEN);
         let found = session_cookies(&headers("session=junk"), &config);
-        assert!(found.is_empty() && found.only_malformed());
+        assert!(found.is_empty() && found.malformed);
+        assert_eq!(found.keys().count(), 1);
+    }
+
+    #[test]
+    fn a_malformed_value_stands_for_a_key_of_its_own() {
+        let config = Config::default();
+        let key = |cookie: &str| session_cookies(&headers(cookie), &config).malformed_key;
+        assert_eq!(key("session=junk"), key("a=1; session=junk"));
+        assert_ne!(key("session=junk"), key("session=junk2"));
+        // The first malformed value counts.
+        assert_eq!(key("session=junk; session=other"), key("session=junk"));
+        assert_eq!(key("session=AAAAAAAAAAAAAAAAAAAAAA"), None);
     }
 
     #[test]

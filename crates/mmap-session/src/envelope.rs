@@ -63,7 +63,9 @@ pub(crate) const MAX_VALUE_DEPTH: usize = 125;
 /// The record left under an id whose session moved to a new id ([`Session::cycle_id`]) or
 /// ended with a new id ([`Session::flush`]), for [`REPLACED_GRACE`]: a request still carrying the
 /// old cookie learns that another request replaced the session moments ago, and leaves the
-/// browser's cookie alone. No `"d"`: a layer that does not know the marker reads no session in it.
+/// browser's cookie alone. A login on a cookie that names no session leaves it under that
+/// cookie's keys too (see `Candidates::keys`). No `"d"`: a layer that does not know the marker
+/// reads no session in it.
 ///
 /// [`Session::cycle_id`]: crate::Session::cycle_id
 /// [`Session::flush`]: crate::Session::flush

@@ -11,7 +11,7 @@
 //! What the layer promises:
 //!
 //! - **Lazy**: a handler that does not touch the session costs no store access, no lease and no
-//!   cookie (except the removal of a session cookie that is malformed, which needs no store access).
+//!   cookie.
 //! - **No lost updates**: one busy lease per session, held from first access to response.
 //! - **Saved only when changed**; an unchanged session's sliding expiry is refreshed at most once per
 //!   [`refresh_interval`](SessionLayer::refresh_interval). Emptied or flushed sessions are deleted and
@@ -26,7 +26,8 @@
 //!   [`Session::cycle_id`] moves a session to a new id at login without ever losing it.
 //! - **Hostile input loses nothing**: the `Cookie` header is read as bytes (other cookies may hold
 //!   any byte); of several session cookies (other paths, other domains) the first few are tried
-//!   until one names a live session; a session cookie that names none is expired; a value nested
+//!   until one names a live session; a session cookie that names none is expired when the handler
+//!   touched the session (never over a login sent with it at the same time); a value nested
 //!   too deep to be read back is refused at insert ([`SessionError::TooDeep`]); a stored session
 //!   that does not decode fails the request and is kept and counted, never silently replaced.
 //!   Name the cookie `__Host-...` to stop sibling subdomains from planting one (see

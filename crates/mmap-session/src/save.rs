@@ -9,8 +9,8 @@ use http::HeaderValue;
 
 use crate::backend::LayerLease;
 use crate::config::{Config, Expiry, REPLACED_GRACE};
-use crate::cookies::{self, InvalidCookieConfig};
-use crate::envelope;
+use crate::cookies::{self, Candidates, InvalidCookieConfig};
+use crate::envelope::{self, Stored};
 use crate::error::{plain_response, SessionError};
 use crate::id::SessionId;
 use crate::metrics::{self, Outcome};
@@ -55,7 +55,7 @@ pub(crate) async fn finish(inner: Arc<SessionInner>, mut response: Response) -> 
     }
     let now = SystemTime::now();
     let outcome = planned_outcome(&loaded, config, now);
-    match save(&inner.shared, loaded, now).await {
+    match save(&inner.shared, loaded, &inner.cookie, now).await {
         Ok(cookie) => {
             metrics::outcome(outcome);
             if let Some(cookie) = cookie {
@@ -156,6 +156,7 @@ fn encode_checked(
 async fn save(
     shared: &Shared,
     mut loaded: Box<Loaded>,
+    cookie: &Candidates,
     now: SystemTime,
 ) -> Result<Option<HeaderValue>, SessionError> {
     let config = &shared.config;
@@ -248,16 +249,20 @@ async fn save(
             // its own cookie: nothing changed here (changes were refused), nothing is sent.
             Ok(None)
         }
+        None if loaded.stale_cookie => {
+            // Boxed: a rare path, kept out of the future every request moves around.
+            let session = NewSession {
+                id,
+                data,
+                expiry: own_expiry,
+                size,
+                login: loaded.cycled,
+            };
+            Box::pin(replace_stale_cookie(shared, cookie, session, ended, now)).await
+        }
         None => {
             if ended {
-                // Nothing to keep and nothing stored: no record. A cookie that named no session
-                // is expired, so that the browser stops sending it.
-                if loaded.stale_cookie {
-                    tracing::debug!("the session cookie names no session: expiring it");
-                    return cookies::removal_cookie(config)
-                        .map(Some)
-                        .map_err(invalid_config);
-                }
+                // Nothing to keep and nothing stored: no record, no cookie.
                 return Ok(None);
             }
             let bytes = encode_checked(id, data, own_expiry, size, config)?;
@@ -269,6 +274,173 @@ async fn save(
                 .map_err(invalid_config)
         }
     }
+}
+
+/// What a key of a stale cookie holds, seen under its lease.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StaleKey {
+    /// Nothing (or something expired).
+    Free,
+    /// The marker of a login on the same cookie.
+    Replaced,
+    /// Anything else: left alone.
+    Other,
+}
+
+/// What a request that found no session keeps (`Loaded` itself cannot cross an await of a
+/// sent future: it may hold a lease, which is not `Sync`).
+struct NewSession<'a> {
+    id: SessionId,
+    data: &'a serde_json::Map<String, serde_json::Value>,
+    /// The session's own expiry.
+    expiry: Option<Expiry>,
+    size: usize,
+    /// `cycle_id` was called.
+    login: bool,
+}
+
+/// Answers a request whose cookie names no session (unknown, ended or malformed ids, every one
+/// tried) and that touched the session: with a new session's cookie, or with a removal when
+/// nothing is kept.
+///
+/// Either would replace, in the browser, the cookie of a login sent with the same cookie at the
+/// same time. So every key of the cookie (see [`Candidates::keys`]) is leased first, taken in
+/// one order by every request, and held until this answer is ready:
+///
+/// - a login (`cycle_id`) leaves the replaced marker under each key before its own cookie is
+///   ready;
+/// - any other request that finds a marker there was overtaken by such a login: it sends no
+///   cookie, and a change it made is refused ([`SessionError::Replaced`], `409`), as for a
+///   request racing the login of a live session. One that finds none makes its answer ready
+///   before a later login can leave the marker.
+async fn replace_stale_cookie(
+    shared: &Shared,
+    cookie: &Candidates,
+    session: NewSession<'_>,
+    ended: bool,
+    now: SystemTime,
+) -> Result<Option<HeaderValue>, SessionError> {
+    let mut keys: Vec<&[u8]> = cookie.keys().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut leases = Vec::with_capacity(keys.len());
+    let result = match lease_stale_keys(shared, &keys, &mut leases, now).await {
+        Ok(found) => answer_stale_cookie(shared, session, &mut leases, &found, ended, now).await,
+        // Nothing to keep: the removal is only a courtesy to the browser, and without the keys
+        // it could log out a login. Nothing is sent.
+        Err(error) if ended => {
+            tracing::warn!(%error, "could not check the stale session cookie's keys; it is not expired");
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    };
+    for lease in leases {
+        lease.release().await;
+    }
+    result
+}
+
+/// Leases `keys` in order (into `leases`, which the caller releases) and says what each holds.
+async fn lease_stale_keys(
+    shared: &Shared,
+    keys: &[&[u8]],
+    leases: &mut Vec<LayerLease>,
+    now: SystemTime,
+) -> Result<Vec<StaleKey>, SessionError> {
+    let deadline = deadline_after(shared.config.lease_wait);
+    let mut found = Vec::with_capacity(keys.len());
+    for key in keys {
+        let mut lease = shared.backend.lease(key, deadline).await.map_err(|error| {
+            tracing::warn!(%error, "taking the lease of a stale session cookie's key failed");
+            SessionError::from_backend(error)
+        })?;
+        let record = lease.load().await;
+        leases.push(lease);
+        let record = record.map_err(|error| {
+            tracing::warn!(%error, "reading a stale session cookie's key failed");
+            SessionError::from_backend(error)
+        })?;
+        found.push(match record.filter(|record| record.expires_at > now) {
+            None => StaleKey::Free,
+            Some(record) => match envelope::decode(&record.value) {
+                Ok(Stored::Replaced) => StaleKey::Replaced,
+                _ => StaleKey::Other,
+            },
+        });
+    }
+    Ok(found)
+}
+
+/// The answer of [`replace_stale_cookie`], the keys leased.
+async fn answer_stale_cookie(
+    shared: &Shared,
+    session: NewSession<'_>,
+    leases: &mut [LayerLease],
+    found: &[StaleKey],
+    ended: bool,
+    now: SystemTime,
+) -> Result<Option<HeaderValue>, SessionError> {
+    let config = &shared.config;
+    let replaced = found.contains(&StaleKey::Replaced);
+    if replaced && !session.login {
+        if ended {
+            tracing::debug!(
+                "a login replaced the stale session cookie while this request ran: nothing sent"
+            );
+            return Ok(None);
+        }
+        tracing::debug!(
+            "a login replaced the stale session cookie while this request ran: its change is refused"
+        );
+        return Err(SessionError::Replaced);
+    }
+    if ended {
+        if replaced {
+            // A login that keeps nothing, on a cookie another login replaced: it sends
+            // nothing, not a removal that would log that one out.
+            return Ok(None);
+        }
+        tracing::debug!("the session cookie names no session: expiring it");
+        return cookies::removal_cookie(config)
+            .map(Some)
+            .map_err(invalid_config);
+    }
+    let tail = shared.cookie_tail().map_err(invalid_config)?;
+    let mut id = session.id;
+    let expiry = session.expiry.unwrap_or(config.expiry);
+    let bytes = encode_checked(id, session.data, session.expiry, session.size, config)?;
+    let mut new = create(shared, &mut id, &bytes, expiry.expires_at(now)).await?;
+    if session.login {
+        // A login: requests still carrying the stale cookie, and any that are answered after
+        // this one, learn that it was replaced.
+        let marker_expiry = now.checked_add(REPLACED_GRACE).unwrap_or(now);
+        for (lease, _) in leases
+            .iter_mut()
+            .zip(found)
+            .filter(|(_, found)| **found != StaleKey::Other)
+        {
+            if let Err(error) = lease.commit(envelope::REPLACED, marker_expiry).await {
+                // The login fails; a marker already left under another key only makes a
+                // request with this cookie see an empty session for a while, and a login sent
+                // again goes through (see `Session::cycle_id`).
+                if let Err(undo) = new.remove().await {
+                    tracing::error!(
+                        session = %id.short_hash(),
+                        error = %undo,
+                        "could not undo the new session of a failed login; it will expire"
+                    );
+                }
+                new.release().await;
+                tracing::error!(%error, "marking the stale session cookie as replaced failed; the login fails");
+                return Err(SessionError::from_backend(error));
+            }
+        }
+    }
+    new.release().await;
+    tracing::debug!(session = %id.short_hash(), login = session.login, "new session saved in place of a stale cookie");
+    cookies::session_cookie(&id, expiry, now, config, tail)
+        .map(Some)
+        .map_err(invalid_config)
 }
 
 /// Saves the session under its own lease, and releases the lease (dropping it on an early

@@ -150,6 +150,9 @@ pub(crate) struct Loaded {
     /// The cookie's session was replaced by another request moments ago (see
     /// [`SessionError::Replaced`]): nothing may change, nothing is saved, no cookie is sent.
     pub(crate) replaced: bool,
+    /// [`Session::cycle_id`] was called: a login. On a cookie that names no session, the save
+    /// leaves the replaced marker under the cookie's keys.
+    pub(crate) cycled: bool,
     /// The encoded length of `data` and `expiry`, kept up to date change by change so that an insert
     /// costs the size of its value, not of the whole session. Exact for records this layer wrote;
     /// only an estimate for others, which is why a change is refused only after an exact count
@@ -168,6 +171,7 @@ impl Loaded {
             expiry_changed: false,
             stale_cookie: false,
             replaced: false,
+            cycled: false,
             size: envelope::EMPTY_LEN,
         }
     }
@@ -269,6 +273,11 @@ impl SessionInner {
                 Existing::Absent => {}
             }
         }
+        // A malformed value names no session, but a login on it leaves a marker under the key
+        // that stands for it.
+        if let (false, Some(key)) = (replaced, &self.cookie.malformed_key) {
+            replaced = self.marked_replaced(&key[..]).await?;
+        }
         // The client's id, if any, is never adopted: a new session always gets a fresh one.
         let mut loaded = Loaded::new_session(fresh_id()?);
         loaded.replaced = replaced;
@@ -325,6 +334,7 @@ impl SessionInner {
                     expiry_changed: false,
                     stale_cookie: false,
                     replaced: false,
+                    cycled: false,
                     size,
                 })))
             }
@@ -338,6 +348,24 @@ impl SessionInner {
                 Err(self.undecodable(hash, &error))
             }
         }
+    }
+
+    /// Whether `key`, which stands for a malformed cookie value, holds the marker of a login on
+    /// that cookie moments ago. Read without the lease: the save looks again under it.
+    async fn marked_replaced(&self, key: &[u8]) -> Result<bool, SessionError> {
+        let record = self
+            .shared
+            .backend
+            .get_unleased(key)
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "reading the marker of a malformed cookie failed");
+                SessionError::from_backend(error)
+            })?;
+        let now = SystemTime::now();
+        Ok(record
+            .filter(|record| record.expires_at > now)
+            .is_some_and(|record| matches!(envelope::decode(&record.value), Ok(Stored::Replaced))))
     }
 
     /// Logs and counts a stored session that does not decode.
@@ -373,25 +401,6 @@ impl SessionInner {
                 true
             }
             _ => false,
-        }
-    }
-
-    /// Adds a removal cookie to the response of an untouched session if the request's session
-    /// cookie is certainly not a session (malformed, and no well-formed one beside it): no store
-    /// access is needed to know that the browser should stop sending it.
-    pub(crate) fn expire_malformed_cookie(&self, response: &mut axum::response::Response) {
-        if !self.cookie.only_malformed() {
-            return;
-        }
-        match cookies::removal_cookie(&self.shared.config) {
-            Ok(removal) => {
-                response
-                    .headers_mut()
-                    .append(http::header::SET_COOKIE, removal);
-            }
-            Err(error) => {
-                tracing::error!(%error, "the malformed session cookie cannot be expired");
-            }
         }
     }
 
@@ -743,14 +752,41 @@ impl Session {
     /// `409 Conflict`), and sends no `Set-Cookie`. It never reaches the new session: the old id
     /// leads nowhere, so a fixated id stays useless.
     ///
+    /// Except a request that itself calls `cycle_id` (before any other change): that is a login
+    /// sent again, say because the answer to the first one was lost. It goes on as a new, empty
+    /// session with a fresh id, and its cookie replaces the first login's in the browser (the
+    /// last login wins); the first login's session stays where it is, unreachable through the
+    /// old cookie. Call `cycle_id` only at login: a request racing a login that calls it for
+    /// another reason (a periodic rotation, say) also starts a new session, and its cookie
+    /// would replace the logged-in one.
+    ///
+    /// On a request whose cookie names no session (unknown, ended, malformed), the new session is
+    /// saved as any new one, and the same marker is left under that cookie (for a malformed value,
+    /// under a key derived from it): a request sent with it at the same time and answered after
+    /// this one sends no removal or cookie of its own that would log the user out.
+    ///
     /// # Errors
     ///
     /// Load errors (see [`SessionError`]).
     pub async fn cycle_id(&self) -> Result<(), SessionError> {
         let new_id = fresh_id()?;
         self.with_loaded(move |loaded, _| {
-            loaded.check_changeable()?;
+            if loaded.replaced {
+                // A login on a cookie whose session another request replaced moments ago: a
+                // login sent again (its first answer lost, or the form submitted twice), not a
+                // request racing the first one. It goes on as a new session of its own, which
+                // holds nothing of the replaced one (whose id it does not adopt, and whose data
+                // it never saw), and sends its own cookie: the last login wins. If it saves
+                // nothing, it sends nothing, not even a removal.
+                tracing::debug!(
+                    session = %new_id.short_hash(),
+                    "a login on a replaced session's cookie starts a new session"
+                );
+                loaded.replaced = false;
+                loaded.stale_cookie = false;
+            }
             loaded.id = new_id;
+            loaded.cycled = true;
             loaded.modified = true;
             Ok(())
         })

@@ -77,8 +77,6 @@ where
                         }
                     };
                     if this.guard.0.finish_if_untouched() {
-                        let mut response = response;
-                        this.guard.0.expire_malformed_cookie(&mut response);
                         return Poll::Ready(Ok(response));
                     }
                     let settling = Box::pin(finish(Arc::clone(&this.guard.0), response));

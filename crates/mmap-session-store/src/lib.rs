@@ -60,6 +60,7 @@ macro_rules! failpoint {
 }
 
 mod alloc;
+mod durability;
 mod error;
 mod evict;
 mod grow;
@@ -78,6 +79,7 @@ mod store;
 mod sys;
 mod verify;
 
+pub use durability::Durability;
 pub use error::{OpenError, StoreError};
 pub use inspect::{EntryInfo, LeaseHolder};
 pub use lease::Lease;

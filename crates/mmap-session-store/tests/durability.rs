@@ -297,8 +297,11 @@ fn events(trace: &Path) -> Vec<Event> {
     let mut started: std::collections::HashMap<(String, String), f64> = Default::default();
     let mut out = Vec::new();
     for line in text.lines() {
-        let mut parts = line.splitn(3, ' ');
-        let (Some(pid), Some(ts), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        // `<pid> <time> <call>`; strace pads the pid with spaces to five characters.
+        let Some((pid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((ts, rest)) = rest.trim_start().split_once(' ') else {
             continue;
         };
         let Ok(ts) = ts.parse::<f64>() else { continue };

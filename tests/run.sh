@@ -6,9 +6,9 @@
 # Checks for what the tests need besides Rust: nginx (end-to-end tests), redis-server (the Redis
 # backend's tests), chromium and chromium-driver (the browser test), strace (the store's
 # durability tests), a C compiler, CA certificates, and root or password-less sudo (one test
-# gives a file to another user). What is missing is installed with apt-get, as root or through sudo, after saying what; then it runs
-# `cargo test --workspace`. It stops with a message and a non-zero exit where it cannot (no
-# apt-get, no root and no sudo, an install that failed).
+# gives a file to another user). What is missing is installed with apt-get, as root or through
+# sudo, after saying what; then it runs `cargo test --workspace`. It stops with a message and a
+# non-zero exit where it cannot (no apt-get, no root and no sudo, an install that failed).
 #
 # --dry-run: say what is missing and what would be run, change nothing, run nothing (exit 0 if
 # the suite could run, 1 if something is missing).

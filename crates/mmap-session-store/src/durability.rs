@@ -22,6 +22,7 @@ use crate::store::Shared;
 /// loss, kernel panic), where only what reached the disk survives. FORMAT.md ("Durability")
 /// says exactly what each setting guarantees.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Durability {
     /// Nothing is forced: the kernel writes changed pages back on its own schedule (on Linux,
     /// within about 30 s by default). A power loss may lose any change made since. No system

@@ -4,17 +4,17 @@
 #     tests/run.sh [--dry-run] [-- ARGS FOR cargo test]
 #
 # Checks for what the tests need besides Rust: nginx (end-to-end tests), redis-server (the Redis
-# backend's tests), chromium and chromium-driver (the browser test), a C compiler, CA
-# certificates, and root or password-less sudo (one test gives a file to another user). What is
-# missing is installed with apt-get, as root or through sudo, after saying what; then it runs
-# `cargo test --workspace`. It stops with a message and a non-zero exit where it cannot (no
-# apt-get, no root and no sudo, an install that failed).
+# backend's tests), chromium and chromium-driver (the browser test), strace (the store's
+# durability tests), a C compiler, CA certificates, and root or password-less sudo (one test
+# gives a file to another user). What is missing is installed with apt-get, as root or through
+# sudo, after saying what; then it runs `cargo test --workspace`. It stops with a message and a
+# non-zero exit where it cannot (no apt-get, no root and no sudo, an install that failed).
 #
 # --dry-run: say what is missing and what would be run, change nothing, run nothing (exit 0 if
 # the suite could run, 1 if something is missing).
 #
-# The programs are looked for where the tests look for them; $NGINX, $REDIS_SERVER, $CHROMIUM
-# and $CHROMEDRIVER point the tests (and this check) at other copies.
+# The programs are looked for where the tests look for them; $NGINX, $REDIS_SERVER, $CHROMIUM,
+# $CHROMEDRIVER and $STRACE point the tests (and this check) at other copies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,6 +73,7 @@ check_all() {
     check "redis-server (Redis backend tests)" redis-server "${REDIS_SERVER:-}" redis-server
     check "chromium (browser test)" chromium "${CHROMIUM:-}" /usr/bin/chromium
     check "chromedriver (browser test)" chromium-driver "${CHROMEDRIVER:-}" /usr/bin/chromedriver
+    check "strace (store durability tests)" strace "${STRACE:-}" strace
     check "a C compiler (cc, for building)" gcc "" cc
     if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then
         missing+=("CA certificates (fetching crates)")

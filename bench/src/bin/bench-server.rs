@@ -22,6 +22,10 @@
 //! `ts-mmap` (tower-sessions 0.15 over the file store through mmap-session-tower-sessions,
 //! `--store`), `ts-mmap-lease` (the same with the adapter's `LeaseLayer`, which holds a session's
 //! lease for the whole request). SIGTERM or Ctrl-C stops it gracefully.
+//!
+//! `--durability` (or the environment variable `MMAP_BENCH_DURABILITY`, which the runner's
+//! servers inherit) sets when the file backends (`mmap`, `ts-mmap`, `ts-mmap-lease`) force
+//! commits to the disk: `never` (the default), `periodic:<ms>` or `on-commit`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -104,6 +108,24 @@ struct Cli {
     /// Connections per process to Redis or SQLite.
     #[arg(long, default_value_t = 4)]
     pool_size: u32,
+    /// When the file backends force commits to the disk: `never`, `periodic:<ms>`, `on-commit`.
+    #[arg(long, env = "MMAP_BENCH_DURABILITY", default_value = "never", value_parser = durability)]
+    durability: mmap_session::store::Durability,
+}
+
+fn durability(s: &str) -> Result<mmap_session::store::Durability, String> {
+    use mmap_session::store::Durability;
+    match s.split_once(':') {
+        None if s == "never" => Ok(Durability::Never),
+        None if s == "on-commit" => Ok(Durability::OnCommit),
+        Some(("periodic", ms)) => ms
+            .parse()
+            .map(|ms| Durability::Periodic(std::time::Duration::from_millis(ms)))
+            .map_err(|e| format!("periodic:<ms> needs a number of milliseconds: {e}")),
+        _ => Err(format!(
+            "unknown durability {s:?}: never, periodic:<ms> or on-commit"
+        )),
+    }
 }
 
 /// What the handlers share.
@@ -294,7 +316,9 @@ async fn build(cli: &Cli) -> Result<Router, Box<dyn std::error::Error>> {
             // The defaults (64 KiB) are the largest session size a user would keep; a payload
             // close to that (or above) needs room for the counter and the encoding around it.
             let limit = (cli.large_bytes + 4096).max(mmap_session::DEFAULT_MAX_SESSION_SIZE);
-            let options = mmap_session::store::Options::new().max_value_len(limit);
+            let options = mmap_session::store::Options::new()
+                .max_value_len(limit)
+                .durability(cli.durability);
             let store = mmap_session::store::Store::open_with(path, options)
                 .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
             routes::<mmap_session::Session, mmap_session::ReadOnlySession>(app).layer(
@@ -315,7 +339,8 @@ async fn build(cli: &Cli) -> Result<Router, Box<dyn std::error::Error>> {
         }
         Backend::TsMmap | Backend::TsMmapLease => {
             let path = required(&cli.store, "--store")?;
-            let store = mmap_session::store::Store::open(path)
+            let options = mmap_session::store::Options::new().durability(cli.durability);
+            let store = mmap_session::store::Store::open_with(path, options)
                 .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
             let store = mmap_session_tower_sessions::MmapStore::new(store);
             let router = routes::<ts15::Session, ts15::Session>(app)

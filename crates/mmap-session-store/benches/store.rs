@@ -6,6 +6,9 @@
 //! - `rmw_one_key/*`, `rmw_10k_keys/*`: take the key's lease (or lock, or `BEGIN IMMEDIATE`),
 //!   copy the value out, write a new value of the same size, release (or commit). One key
 //!   reused, or 10,000 distinct keys visited in turn. Values of 128 B, 1 KiB and 16 KiB.
+//! - `rmw_1KiB_durability/*`: the read-modify-write of 1 KiB values over 1,000 keys, with each
+//!   `Durability` setting (`never`, `periodic_1000ms`, `periodic_10ms`, `on_commit`), the
+//!   file in the temporary directory.
 //! - `get_1KiB/*`: read one 1 KiB value without a lease (store: the lock-free `get`).
 //! - `two_procs_hot_keys_1KiB/*`: a second process (this binary re-executed) does 1 KiB
 //!   read-modify-writes on 4 hot keys in a loop while this process measures its own on the same
@@ -33,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{criterion_group, BenchmarkId, Criterion};
-use mmap_session_store::{Lease, Store};
+use mmap_session_store::{Durability, Lease, Options, Store};
 use rusqlite::{params, Connection, OptionalExtension};
 use tempfile::TempDir;
 
@@ -225,9 +228,14 @@ struct StoreFx {
 
 impl StoreFx {
     fn new(keys: Vec<[u8; 16]>, size: usize) -> StoreFx {
+        StoreFx::with(keys, size, Durability::Never)
+    }
+
+    fn with(keys: Vec<[u8; 16]>, size: usize, durability: Durability) -> StoreFx {
         let dir = TempDir::new().unwrap();
         let path = dir.path().join("sessions.mmap");
-        let store = Store::open(&path).expect("open store");
+        let store =
+            Store::open_with(&path, Options::new().durability(durability)).expect("open store");
         let (v, exp, dl) = (value(size), expiry(), far_deadline());
         for k in &keys {
             store_rmw(&store, k, &v, dl, exp);
@@ -583,6 +591,41 @@ fn bench_rmw(c: &mut Criterion) {
     }
 }
 
+/// The read-modify-write of `rmw_10k_keys/store/1024` (1,000 keys here) under each durability
+/// setting, on a file in the temporary directory (its filesystem decides what a sync costs).
+fn bench_durability(c: &mut Criterion) {
+    let mut g = c.benchmark_group("rmw_1KiB_durability");
+    let settings = [
+        ("never", Durability::Never),
+        (
+            "periodic_1000ms",
+            Durability::Periodic(Duration::from_secs(1)),
+        ),
+        (
+            "periodic_10ms",
+            Durability::Periodic(Duration::from_millis(10)),
+        ),
+        ("on_commit", Durability::OnCommit),
+    ];
+    let nkeys = 1000;
+    let (exp, dl) = (expiry(), far_deadline());
+    let mut v = value(1024);
+    for (name, durability) in settings {
+        let fx = StoreFx::with(keys(nkeys, 3), 1024, durability);
+        g.bench_function(name, |b| {
+            let mut i = 0usize;
+            b.iter(|| {
+                let k = &fx.keys[i % nkeys];
+                i += 1;
+                v[0] = v[0].wrapping_add(1);
+                black_box(store_rmw(&fx.store, k, &v, dl, exp))
+            })
+        });
+        assert_eq!(fx.store.sync_failures(), 0);
+    }
+    g.finish();
+}
+
 fn bench_get(c: &mut Criterion) {
     let mut g = c.benchmark_group("get_1KiB");
     let ks = keys(1, 2);
@@ -911,7 +954,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_rmw, bench_get, bench_two_processes, bench_handover
+    targets = bench_rmw, bench_durability, bench_get, bench_two_processes, bench_handover
 }
 
 fn main() {

@@ -68,7 +68,8 @@ pub enum OpenError {
     TooManyProcesses(usize),
 }
 
-/// Why a store operation failed. Nothing was changed when one of these is returned.
+/// Why a store operation failed. Nothing was changed when one of these is returned, except
+/// for [`StoreError::Sync`] with `published: true`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -101,6 +102,24 @@ pub enum StoreError {
     /// The store file is damaged where this operation needed it.
     #[error("store file corrupted: {0}")]
     Corrupted(&'static str),
+    /// Forcing the change to the disk failed (only with [`crate::Durability::OnCommit`]). If
+    /// `published` is false nothing was changed. If it is true the change *is* committed (other
+    /// processes see it, and it survives a process crash) but may not survive a power loss.
+    #[error(
+        "syncing the session store file to disk failed: {source}; {}",
+        if *published {
+            "the change is committed and visible, but may not survive a power loss (check the disk)"
+        } else {
+            "nothing was changed (check the disk)"
+        }
+    )]
+    Sync {
+        /// Whether the change was published before the failure.
+        published: bool,
+        /// The error of `fdatasync`.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl StoreError {
@@ -118,6 +137,10 @@ impl StoreError {
             },
             StoreError::Io(e) => StoreError::Io(io::Error::new(e.kind(), e.to_string())),
             StoreError::Corrupted(what) => StoreError::Corrupted(what),
+            StoreError::Sync { published, source } => StoreError::Sync {
+                published: *published,
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
         }
     }
 }

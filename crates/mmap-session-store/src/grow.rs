@@ -41,6 +41,7 @@ impl Shared {
         failpoint!("grow.reserved");
         self.map.max_u64(H_FILE_LEN as u64, target);
         self.map.note_file_len(target);
+        self.mark_metadata();
         tracing::debug!(from = current, to = target, "session store file grown");
         Ok(true)
     }

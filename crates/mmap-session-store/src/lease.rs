@@ -73,24 +73,41 @@ impl Lease {
     /// Replaces the record with `value`, expiring at `expires_at`. The new bytes are written to
     /// a fresh block and published with one atomic store, so readers (and a crash at any point)
     /// see either the old record or the new one, never a mix.
+    ///
+    /// With [`crate::Durability::OnCommit`] this returns once the new record is on the disk;
+    /// [`StoreError::Sync`] says whether a failure to get it there left it published.
     pub fn commit(&mut self, value: &[u8], expires_at: SystemTime) -> Result<(), StoreError> {
         let s = &self.store.shared;
         s.check_not_forked()?;
         self.check_held()?;
         let block = s.write_record(&self.key, value, time_to_ms(expires_at))?;
-        if let Err(e) = s.publish(self.state_off, self.token, block) {
-            s.free_block(block);
-            return Err(e);
-        }
+        let old = match s
+            .sync_before_publish()
+            .and_then(|()| s.swap_record(self.state_off, self.token, block))
+        {
+            Ok(old) => old,
+            Err(e) => {
+                s.free_block(block);
+                return Err(e);
+            }
+        };
+        let synced = s.after_publish(self.state_off, block);
+        s.retire(block, old);
         s.sweep(4);
-        Ok(())
+        synced
     }
 
     /// Deletes the record. The key stays leased until the guard is released.
+    ///
+    /// With [`crate::Durability::OnCommit`] this returns once the removal is on the disk.
     pub fn remove(&mut self) -> Result<(), StoreError> {
-        self.store.shared.check_not_forked()?;
+        let s = &self.store.shared;
+        s.check_not_forked()?;
         self.check_held()?;
-        self.store.shared.publish(self.state_off, self.token, 0)
+        let old = s.swap_record(self.state_off, self.token, 0)?;
+        let synced = s.after_publish(self.state_off, 0);
+        s.retire(0, old);
+        synced
     }
 
     /// Whether this lease still holds its key (false once taken over by another holder).

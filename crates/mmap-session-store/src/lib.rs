@@ -20,6 +20,10 @@
 //!   are reclaimed incrementally. The file grows on demand up to a maximum; when full, expired
 //!   and then least recently used idle records are evicted (never a leased one), or
 //!   [`StoreError::StoreFull`] is returned.
+//! - **Durability, chosen per process.** [`Options::durability`]: by default nothing is forced
+//!   to the disk (a process crash loses nothing committed, a power loss may);
+//!   [`Durability::Periodic`] `msync`s this process's changes in the background, and
+//!   [`Durability::OnCommit`] returns from a commit only once it is on the disk.
 //!
 //! The byte layout and the lease protocol, with what a crash at each step leaves behind, are
 //! described in `FORMAT.md` next to this crate's manifest.
@@ -60,6 +64,7 @@ macro_rules! failpoint {
 }
 
 mod alloc;
+mod durability;
 mod error;
 mod evict;
 mod grow;
@@ -79,6 +84,7 @@ mod store;
 mod sys;
 mod verify;
 
+pub use durability::Durability;
 pub use error::{OpenError, StoreError};
 pub use inspect::{EntryInfo, LeaseHolder};
 pub use lease::Lease;

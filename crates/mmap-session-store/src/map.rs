@@ -104,6 +104,22 @@ impl Map {
             .fetch_max(len.min(self.len), Ordering::Relaxed);
     }
 
+    /// Writes the changed pages of `off..off + len` (clipped to the file) to the disk and waits
+    /// for them (`msync` with `MS_SYNC`, which the kernel may widen to more of the file).
+    pub(crate) fn sync(&self, off: u64, len: u64) -> io::Result<()> {
+        let end = off.saturating_add(len).min(self.file_len());
+        if off >= end {
+            return Ok(());
+        }
+        let (Ok(off), Ok(len)) = (usize::try_from(off), usize::try_from(end - off)) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range too large",
+            ));
+        };
+        self.raw.flush_range(off, len)
+    }
+
     /// Checks that `off..off+n` lies inside the file-backed part of the mapping.
     #[inline]
     pub(crate) fn in_file(&self, off: u64, n: u64) -> bool {

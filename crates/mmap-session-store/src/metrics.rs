@@ -16,6 +16,7 @@ const TAKEOVERS: &str = "mmap_session_takeovers_total";
 const EVICTIONS: &str = "mmap_session_evictions_total";
 const EXPIRED: &str = "mmap_session_expired_reclaimed_total";
 const CHECKSUM_FAILURES: &str = "mmap_session_checksum_failures_total";
+const SYNC_FAILURES: &str = "mmap_session_sync_failures_total";
 const LIVE: &str = "mmap_session_store_live_sessions";
 const USED: &str = "mmap_session_store_used_bytes";
 const FILE: &str = "mmap_session_store_file_bytes";
@@ -52,6 +53,10 @@ pub(crate) fn checksum_failure() {
     metrics::counter!(CHECKSUM_FAILURES).increment(1);
 }
 
+pub(crate) fn sync_failure() {
+    metrics::counter!(SYNC_FAILURES).increment(1);
+}
+
 pub(crate) fn gauges(stats: &Stats) {
     static DESCRIBED: Once = Once::new();
     DESCRIBED.call_once(describe);
@@ -79,6 +84,11 @@ fn describe() {
         Unit::Count,
         "Records that failed verification and were treated as absent"
     );
+    metrics::describe_counter!(
+        SYNC_FAILURES,
+        Unit::Count,
+        "Times forcing changes to the disk failed (the durability setting)"
+    );
     metrics::describe_gauge!(
         LIVE,
         Unit::Count,
@@ -95,7 +105,7 @@ fn describe() {
     for reason in [TakeoverReason::HolderDied, TakeoverReason::HolderStalled] {
         takeovers(reason, 0);
     }
-    for name in [EVICTIONS, EXPIRED, CHECKSUM_FAILURES] {
+    for name in [EVICTIONS, EXPIRED, CHECKSUM_FAILURES, SYNC_FAILURES] {
         metrics::counter!(name).increment(0);
     }
 }

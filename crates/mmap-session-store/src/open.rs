@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::durability::Durability;
 use crate::error::OpenError;
 use crate::layout::*;
 use crate::sys;
@@ -21,6 +22,7 @@ pub struct Options {
     pub(crate) max_value_len: usize,
     pub(crate) lease_timeout: Duration,
     pub(crate) allow_foreign_owner: bool,
+    pub(crate) durability: Durability,
 }
 
 impl Default for Options {
@@ -31,6 +33,7 @@ impl Default for Options {
             max_value_len: 64 << 10,
             lease_timeout: Duration::from_secs(30),
             allow_foreign_owner: false,
+            durability: Durability::Never,
         }
     }
 }
@@ -67,6 +70,14 @@ impl Options {
     /// A holder whose process died is taken over within milliseconds, whatever this says.
     pub fn lease_timeout(mut self, timeout: Duration) -> Self {
         self.lease_timeout = timeout;
+        self
+    }
+
+    /// When this process forces what it commits to the disk (default [`Durability::Never`]).
+    /// Unlike the shape of the file, this applies to an existing file too: it is this
+    /// process's choice, and other processes sharing the file may choose differently.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
         self
     }
 

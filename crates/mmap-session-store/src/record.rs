@@ -20,6 +20,18 @@ impl Shared {
     /// frees the old block. Fails with `LeaseLost` (and changes nothing) if the lease was taken
     /// over. This single compare-and-swap is the commit point of every change.
     pub(crate) fn publish(&self, state_off: u64, token: u32, block: u32) -> Result<(), StoreError> {
+        let old = self.swap_record(state_off, token, block)?;
+        self.retire(block, old);
+        Ok(())
+    }
+
+    /// The compare-and-swap of `publish`; returns the block it replaced.
+    pub(crate) fn swap_record(
+        &self,
+        state_off: u64,
+        token: u32,
+        block: u32,
+    ) -> Result<u32, StoreError> {
         let old = loop {
             let s = self.load_word(state_off)?;
             if holder(s) != token {
@@ -34,6 +46,11 @@ impl Shared {
             }
         };
         failpoint!("record.published");
+        Ok(old)
+    }
+
+    /// The rest of `publish`, after the swap from `old` to `block`: counts, and frees `old`.
+    pub(crate) fn retire(&self, block: u32, old: u32) {
         let size = |b: u32| self.block_class(b).map_or(0, class_size);
         self.count(S_BYTES, size(block).wrapping_sub(size(old)));
         self.count(
@@ -43,7 +60,6 @@ impl Shared {
         if old != 0 {
             self.free_block(old);
         }
-        Ok(())
     }
 
     /// Copies the record in `block` out and verifies it belongs to `kh` and is intact.

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::durability::{Durability, Syncer, MIN_PERIOD};
 use crate::error::{OpenError, StoreError};
 use crate::index::{Inserted, KeyHash};
 use crate::layout::*;
@@ -30,7 +31,7 @@ pub struct Store {
 pub(crate) struct Shared {
     pub(crate) path: PathBuf,
     pub(crate) file: File,
-    pub(crate) map: Map,
+    pub(crate) map: Arc<Map>,
     pub(crate) g: Geometry,
     /// This process's registration slot: its OFD lock on `LOCK_BASE + slot` is its liveness.
     pub(crate) slot: usize,
@@ -47,6 +48,9 @@ pub(crate) struct Shared {
     pub(crate) me: std::sync::Weak<Shared>,
     /// `sys::fork_generation()` at open: a forked child may not use this registration.
     forked_at: u64,
+    /// When this process forces its changes to the disk, and the thread that does it
+    /// periodically.
+    pub(crate) syncer: crate::durability::Syncer,
 }
 
 /// The shortest lease timeout accepted: a waiter takes over a live holder's lease once it has
@@ -129,6 +133,13 @@ impl Store {
                  holder's lease once it has waited this long)"
             )));
         }
+        if let Durability::Periodic(period) = options.durability {
+            if period < MIN_PERIOD {
+                return Err(OpenError::InvalidOptions(format!(
+                    "a periodic durability period must be at least {MIN_PERIOD:?}"
+                )));
+            }
+        }
         let (file, g) = open_or_create(path, &options)?;
         let io = |source| OpenError::Io {
             path: path.to_owned(),
@@ -137,7 +148,7 @@ impl Store {
         // Only the length the header records is ever used: a grower killed between reserving
         // space and recording it leaves the file longer, and space beyond the recorded length
         // would be invisible to processes that opened earlier.
-        let map = Map::new(&file, g.max_len, HEADER_LEN).map_err(io)?;
+        let map = Arc::new(Map::new(&file, g.max_len, HEADER_LEN).map_err(io)?);
         // Every live process holds a shared lock on the recovery byte; getting it exclusively
         // proves we are alone, so whatever dead processes left behind can be repaired.
         let alone = sys::try_lock(&file, LOCK_RECOVERY, LockKind::Exclusive).map_err(io)?;
@@ -157,6 +168,7 @@ impl Store {
             .transpose()
             .map_err(io)?
             .ok_or(OpenError::TooManyProcesses(MAX_SLOTS))?;
+        let syncer = Syncer::start(options.durability, &map).map_err(io)?;
         let store = Store {
             shared: Arc::new_cyclic(|me| Shared {
                 path: path.to_owned(),
@@ -171,6 +183,7 @@ impl Store {
                 grow: Mutex::new(()),
                 me: me.clone(),
                 forked_at: sys::fork_generation(),
+                syncer,
             }),
         };
         let s = &store.shared;
@@ -207,11 +220,12 @@ impl Store {
             Ordering::Relaxed,
         );
         s.map.store_u64(s.slot_off(S_IN_USE), 1, Ordering::Release);
+        s.mark_metadata();
         if alone {
             // Downgrade: from now on others may join.
             sys::lock(&s.file, LOCK_RECOVERY, LockKind::Shared).map_err(io)?;
         }
-        tracing::debug!(path = %path.display(), slot, alone, "session store opened");
+        tracing::debug!(path = %path.display(), slot, alone, durability = ?options.durability, "session store opened");
         Ok(store)
     }
 
@@ -450,6 +464,19 @@ impl Store {
     pub fn record_gauges(&self) {
         crate::metrics::gauges(&self.shared.stats());
     }
+
+    /// The durability this process opened the store with ([`Options::durability`]).
+    pub fn durability(&self) -> Durability {
+        self.shared.syncer.mode
+    }
+
+    /// How many times forcing changes to the disk failed in this process since it opened the
+    /// store: periodic passes (logged; the changes stay in the page cache and the next pass
+    /// does not retry them) and commits (also returned as [`StoreError::Sync`]). Not counted
+    /// in the file: each process has its own.
+    pub fn sync_failures(&self) -> u64 {
+        self.shared.sync_failures()
+    }
 }
 
 impl Shared {
@@ -518,7 +545,10 @@ impl Drop for Shared {
     /// A clean close: the slot is no longer in use, so the next solo open need not recover.
     /// (Not in a forked child: the slot is its parent's.)
     fn drop(&mut self) {
-        if self.check_not_forked().is_err() {
+        let forked = self.check_not_forked().is_err();
+        // The last periodic pass runs before the slot is marked closed.
+        self.syncer.stop(forked);
+        if forked {
             return;
         }
         self.map

@@ -275,7 +275,10 @@ impl SessionInner {
         }
         // A malformed value names no session, but a login on it leaves a marker under the key
         // that stands for it.
-        if let (false, Some(key)) = (replaced, &self.cookie.malformed_key) {
+        for key in &self.cookie.malformed_keys {
+            if replaced {
+                break;
+            }
             replaced = self.marked_replaced(&key[..]).await?;
         }
         // The client's id, if any, is never adopted: a new session always gets a fresh one.

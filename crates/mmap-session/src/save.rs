@@ -247,6 +247,14 @@ async fn save(
         None if loaded.replaced => {
             // Another request replaced the cookie's session moments ago and sent the browser
             // its own cookie: nothing changed here (changes were refused), nothing is sent.
+            // Except for a logout: the user asked to be logged out of whatever the browser
+            // holds, the replacing login's cookie included.
+            if loaded.flushed {
+                tracing::debug!("a logout on a replaced session's cookie: expiring it");
+                return cookies::removal_cookie(config)
+                    .map(Some)
+                    .map_err(invalid_config);
+            }
             Ok(None)
         }
         None if loaded.stale_cookie => {
@@ -257,6 +265,7 @@ async fn save(
                 expiry: own_expiry,
                 size,
                 login: loaded.cycled,
+                logout: loaded.flushed,
             };
             Box::pin(replace_stale_cookie(shared, cookie, session, ended, now)).await
         }
@@ -297,6 +306,8 @@ struct NewSession<'a> {
     size: usize,
     /// `cycle_id` was called.
     login: bool,
+    /// `flush` was called.
+    logout: bool,
 }
 
 /// Answers a request whose cookie names no session (unknown, ended or malformed ids, every one
@@ -383,6 +394,16 @@ async fn answer_stale_cookie(
     let config = &shared.config;
     let replaced = found.contains(&StaleKey::Replaced);
     if replaced && !session.login {
+        if ended && session.logout {
+            // A logout overtaken by a login on the same cookie: the user asked to be logged
+            // out, of the login's cookie too.
+            tracing::debug!(
+                "a login replaced the stale session cookie while a logout ran: expiring it"
+            );
+            return cookies::removal_cookie(config)
+                .map(Some)
+                .map_err(invalid_config);
+        }
         if ended {
             tracing::debug!(
                 "a login replaced the stale session cookie while this request ran: nothing sent"

@@ -86,7 +86,9 @@ impl Candidates {
 /// the site may hold UTF-8 or any other byte, and must not hide ours.
 pub(crate) fn session_cookies(headers: &HeaderMap, config: &Config) -> Candidates {
     let mut found = Candidates::default();
-    let mut malformed_keys = Vec::new();
+    // The distinct malformed values, kept as sent: each is hashed once, at the end, and at most
+    // `MAX_CANDIDATES` are (a header of many values costs no more hashing than a few).
+    let mut malformed: Vec<&[u8]> = Vec::new();
     'headers: for header in headers.get_all(COOKIE) {
         for value in values_named(header.as_bytes(), config.cookie_name.as_bytes()) {
             match verify_value(value, config) {
@@ -101,12 +103,11 @@ pub(crate) fn session_cookies(headers: &HeaderMap, config: &Config) -> Candidate
                         "ignored a session cookie that is malformed or not signed by us"
                     );
                     found.malformed = true;
-                    let key = malformed_key(&config.cookie_name, value);
-                    if malformed_keys.contains(&key) {
+                    if malformed.contains(&value) {
                         continue;
                     }
-                    if malformed_keys.len() < MAX_CANDIDATES {
-                        malformed_keys.push(key);
+                    if malformed.len() < MAX_CANDIDATES {
+                        malformed.push(value);
                     } else {
                         // Not looked at, but a well-formed value behind it still is.
                         found.untried = true;
@@ -115,7 +116,10 @@ pub(crate) fn session_cookies(headers: &HeaderMap, config: &Config) -> Candidate
             }
         }
     }
-    found.malformed_keys = malformed_keys.into_boxed_slice();
+    found.malformed_keys = malformed
+        .iter()
+        .map(|value| malformed_key(&config.cookie_name, value))
+        .collect();
     found
 }
 

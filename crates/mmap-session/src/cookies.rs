@@ -28,14 +28,13 @@ pub(crate) struct Candidates {
     /// A value of the cookie's name was malformed, oversized or not signed by us.
     pub(crate) malformed: bool,
     /// The store keys standing for the malformed values (see [`malformed_key`]), first sent
-    /// first, each once, at most [`MAX_CANDIDATES`]: no session lives there, only the marker a
-    /// login on that cookie leaves. Every one counts: a browser holding two (under two paths)
+    /// first, each once, of the first [`MAX_CANDIDATES`] values: no session lives there, only
+    /// the marker a login on that cookie leaves. Every one counts: a browser holding two (under two paths)
     /// sends both from one path and one from another, and a login from either must be seen from
     /// both. A boxed slice: most requests have none, and every request carries this struct.
     pub(crate) malformed_keys: Box<[[u8; MALFORMED_KEY_LEN]]>,
-    /// More well-formed values, or more malformed ones, were sent than are tried: one of those
-    /// not tried may name a live session, or hold a login's marker, so none of them may be
-    /// expired or replaced on the strength of the others.
+    /// More well-formed values were sent than are tried: one of those not tried may name a
+    /// live session, so none of them may be expired.
     pub(crate) untried: bool,
 }
 
@@ -106,11 +105,9 @@ pub(crate) fn session_cookies(headers: &HeaderMap, config: &Config) -> Candidate
                     if malformed.contains(&value) {
                         continue;
                     }
+                    // More is not a browser: the first few are looked at.
                     if malformed.len() < MAX_CANDIDATES {
                         malformed.push(value);
-                    } else {
-                        // Not looked at, but a well-formed value behind it still is.
-                        found.untried = true;
                     }
                 }
             }
@@ -380,15 +377,15 @@ mod tests {
         assert_eq!(both[..1], keys("session=junk")[..]);
         assert_eq!(both[1..], keys("session=other")[..]);
         assert!(keys("session=AAAAAAAAAAAAAAAAAAAAAA").is_empty());
-        // More than are looked at: none of them may be expired.
+        // The first few are looked at.
         let many: Vec<String> = (0..=MAX_CANDIDATES)
             .map(|i| format!("session=junk{i}"))
             .collect();
         let found = session_cookies(&headers(&many.join("; ")), &config);
-        assert_eq!(found.malformed_keys.len(), MAX_CANDIDATES);
-        assert!(found.untried);
-        let found = session_cookies(&headers(&many[..MAX_CANDIDATES].join("; ")), &config);
-        assert!(!found.untried);
+        assert_eq!(
+            found.malformed_keys,
+            session_cookies(&headers(&many[..MAX_CANDIDATES].join("; ")), &config).malformed_keys
+        );
     }
 
     #[test]

@@ -2347,6 +2347,20 @@ async fn review13_two_malformed_values_of_two_paths_and_a_login(kind: Kind) {
     }
 }
 
+/// More malformed values than are looked at: a request sent with them and answered after a
+/// login sent with the same ones does not log the user out (the first ones are marked).
+async fn review13_many_malformed_values_and_a_login(kind: Kind) {
+    let store = kind.store().await;
+    let gate = Gate::default();
+    let app = long_poll_app(SessionLayer::new(store.clone()), gate.clone());
+    let many: Vec<String> = (0..50).map(|i| format!("session=junk{i}")).collect();
+    let status = answered_after_a_login(&app, &gate, &many.join("; "), "/long-poll").await;
+    assert_eq!(status, StatusCode::OK);
+    let many: Vec<String> = (0..50).map(|i| format!("session=other{i}")).collect();
+    let status = answered_after_a_login(&app, &gate, &many.join("; "), "/slow-write").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
 /// OPEN: one cookie value held by several browsers (an empty `session=`, a value an old version
 /// of the site set for everyone, or one planted from a sibling subdomain when the name has no
 /// `__Host-` prefix) stands for one key. A login by one of them, or by an attacker who sends that
@@ -2475,5 +2489,6 @@ every_backend! {
     review13_a_stale_key_lease_timeout_answers_503_and_writes_nothing,
     review13_a_logout_answered_after_a_login_logs_the_user_out,
     review13_two_malformed_values_of_two_paths_and_a_login,
+    review13_many_malformed_values_and_a_login,
     review13_a_value_shared_by_two_browsers_lets_one_login_refuse_the_others_changes: open,
 }

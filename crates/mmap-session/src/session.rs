@@ -288,10 +288,10 @@ impl SessionInner {
         // The client's id, if any, is never adopted: a new session always gets a fresh one.
         let mut loaded = Loaded::new_session(fresh_id()?);
         loaded.replaced = replaced;
-        // Expired only if every value sent was tried: a live session's cookie may be among the
-        // ones that were not.
-        loaded.stale_cookie =
-            (!self.cookie.is_empty() || self.cookie.malformed) && !self.cookie.untried;
+        // Guarded against a login with the same cookie (see `save::replace_stale_cookie`),
+        // even when some values were not tried; those are then never expired, as a live
+        // session's cookie may be among them.
+        loaded.stale_cookie = !self.cookie.is_empty() || self.cookie.malformed;
         Ok(loaded)
     }
 

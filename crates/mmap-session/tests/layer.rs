@@ -2361,6 +2361,22 @@ async fn review13_many_malformed_values_and_a_login(kind: Kind) {
     assert_eq!(status, StatusCode::CONFLICT);
 }
 
+/// HOLE (fixed): more well-formed values than are tried (five stale ids, say path-scoped or
+/// planted) turned the whole stale-cookie guard off, not only the removal: a login with them left
+/// no marker, and a change sent with them and answered after the login sent its new session's
+/// cookie, which replaced the login's.
+async fn review13_more_ids_than_are_tried_and_a_login(kind: Kind) {
+    let store = kind.store().await;
+    let gate = Gate::default();
+    let app = long_poll_app(SessionLayer::new(store.clone()), gate.clone());
+    let five: Vec<String> = (20..25).map(unknown_pair).collect();
+    let status = answered_after_a_login(&app, &gate, &five.join("; "), "/slow-write").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let five: Vec<String> = (30..35).map(unknown_pair).collect();
+    let status = answered_after_a_login(&app, &gate, &five.join("; "), "/long-poll").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 /// OPEN: one cookie value held by several browsers (an empty `session=`, a value an old version
 /// of the site set for everyone, or one planted from a sibling subdomain when the name has no
 /// `__Host-` prefix) stands for one key. A login by one of them, or by an attacker who sends that
@@ -2490,5 +2506,6 @@ every_backend! {
     review13_a_logout_answered_after_a_login_logs_the_user_out,
     review13_two_malformed_values_of_two_paths_and_a_login,
     review13_many_malformed_values_and_a_login,
+    review13_more_ids_than_are_tried_and_a_login,
     review13_a_value_shared_by_two_browsers_lets_one_login_refuse_the_others_changes: open,
 }

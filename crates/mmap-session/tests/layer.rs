@@ -2303,6 +2303,30 @@ async fn review13_a_logout_answered_after_a_login_logs_the_user_out(kind: Kind) 
     );
 }
 
+/// The other order: a login sent with the old cookie and answered after a logout made with it
+/// logs in (the last answer wins), with nothing of the logged-out session, and leaves no lease
+/// held.
+async fn review13_a_login_answered_after_a_logout_logs_in(kind: Kind) {
+    let store = kind.store().await;
+    let app = app_with_wait(&store, Duration::from_millis(300));
+    let live = new_session(&app).await;
+    let gone = gone_cookie(&app, &store).await;
+    for old in [live, gone, MALFORMED.to_owned()] {
+        let logout = send(&app, "POST", "/logout", Some(&old)).await;
+        assert_eq!(logout.status(), StatusCode::OK);
+        let login = send(&app, "POST", "/login", Some(&old)).await;
+        assert_eq!(login.status(), StatusCode::OK, "{old}");
+        let logged_in = jar_after(Some(old.clone()), &[&logout, &login]);
+        assert_eq!(logged_in, Some(cookie_pair(&login)), "{old}");
+        let logged_in = logged_in.unwrap();
+        assert_eq!(
+            text(get_req(&app, "/user", Some(&logged_in)).await).await,
+            "ann"
+        );
+        assert_eq!(text(get_req(&app, "/n", Some(&logged_in)).await).await, "0");
+    }
+}
+
 /// HOLE (fixed): only the first malformed value of the cookie's name had a key. A browser that
 /// holds two (one under a longer path, sent first) sends both from that path and only the other
 /// from `/`; a login from one of them left its marker where a request from the other did not
@@ -2504,6 +2528,7 @@ every_backend! {
     review13_a_panic_with_a_stale_cookie_leaks_no_lease,
     review13_a_stale_key_lease_timeout_answers_503_and_writes_nothing,
     review13_a_logout_answered_after_a_login_logs_the_user_out,
+    review13_a_login_answered_after_a_logout_logs_in,
     review13_two_malformed_values_of_two_paths_and_a_login,
     review13_many_malformed_values_and_a_login,
     review13_more_ids_than_are_tried_and_a_login,

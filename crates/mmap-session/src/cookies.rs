@@ -27,10 +27,12 @@ pub(crate) struct Candidates {
     ids: [Option<SessionId>; MAX_CANDIDATES],
     /// A value of the cookie's name was malformed, oversized or not signed by us.
     pub(crate) malformed: bool,
-    /// The store key standing for the first malformed value (see [`malformed_key`]): no session
-    /// lives there, only the marker a login on that cookie leaves. Boxed: most requests have
-    /// none, and every request carries this struct.
-    pub(crate) malformed_key: Option<Box<[u8; MALFORMED_KEY_LEN]>>,
+    /// The store keys standing for the malformed values (see [`malformed_key`]), first sent
+    /// first, each once, of the first [`MAX_CANDIDATES`] values: no session lives there, only
+    /// the marker a login on that cookie leaves. Every one counts: a browser holding two (under two paths)
+    /// sends both from one path and one from another, and a login from either must be seen from
+    /// both. A boxed slice: most requests have none, and every request carries this struct.
+    pub(crate) malformed_keys: Box<[[u8; MALFORMED_KEY_LEN]]>,
     /// More well-formed values were sent than are tried: one of those not tried may name a
     /// live session, so none of them may be expired.
     pub(crate) untried: bool,
@@ -47,8 +49,8 @@ impl Candidates {
         self.ids[0].is_none()
     }
 
-    /// The store keys of the values sent, each once: the well-formed ids, then the key that
-    /// stands for the first malformed value. A login on a cookie none of which names a session
+    /// The store keys of the values sent, each once: the well-formed ids, then the keys that
+    /// stand for the malformed values. A login on a cookie none of which names a session
     /// leaves its marker under each; a request that would expire or replace that cookie looks
     /// for the marker under each.
     pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8]> + '_ {
@@ -57,8 +59,8 @@ impl Candidates {
             .map_while(Option::as_ref)
             .map(|id| id.as_bytes().as_slice())
             .chain(
-                self.malformed_key
-                    .as_deref()
+                self.malformed_keys
+                    .iter()
                     .map(<[u8; MALFORMED_KEY_LEN]>::as_slice),
             )
     }
@@ -83,28 +85,38 @@ impl Candidates {
 /// the site may hold UTF-8 or any other byte, and must not hide ours.
 pub(crate) fn session_cookies(headers: &HeaderMap, config: &Config) -> Candidates {
     let mut found = Candidates::default();
-    for header in headers.get_all(COOKIE) {
+    // The distinct malformed values, kept as sent: each is hashed once, at the end, and at most
+    // `MAX_CANDIDATES` are (a header of many values costs no more hashing than a few).
+    let mut malformed: Vec<&[u8]> = Vec::new();
+    'headers: for header in headers.get_all(COOKIE) {
         for value in values_named(header.as_bytes(), config.cookie_name.as_bytes()) {
             match verify_value(value, config) {
                 Some(id) => {
                     if !found.push(id) {
                         found.untried = true;
-                        return found;
+                        break 'headers;
                     }
                 }
                 None => {
                     tracing::debug!(
                         "ignored a session cookie that is malformed or not signed by us"
                     );
-                    if !found.malformed {
-                        found.malformed_key =
-                            Some(Box::new(malformed_key(&config.cookie_name, value)));
-                    }
                     found.malformed = true;
+                    if malformed.contains(&value) {
+                        continue;
+                    }
+                    // More is not a browser: the first few are looked at.
+                    if malformed.len() < MAX_CANDIDATES {
+                        malformed.push(value);
+                    }
                 }
             }
         }
     }
+    found.malformed_keys = malformed
+        .iter()
+        .map(|value| malformed_key(&config.cookie_name, value))
+        .collect();
     found
 }
 
@@ -355,12 +367,25 @@ mod tests {
     #[test]
     fn a_malformed_value_stands_for_a_key_of_its_own() {
         let config = Config::default();
-        let key = |cookie: &str| session_cookies(&headers(cookie), &config).malformed_key;
-        assert_eq!(key("session=junk"), key("a=1; session=junk"));
-        assert_ne!(key("session=junk"), key("session=junk2"));
-        // The first malformed value counts.
-        assert_eq!(key("session=junk; session=other"), key("session=junk"));
-        assert_eq!(key("session=AAAAAAAAAAAAAAAAAAAAAA"), None);
+        let keys = |cookie: &str| session_cookies(&headers(cookie), &config).malformed_keys;
+        assert_eq!(keys("session=junk"), keys("a=1; session=junk"));
+        assert_eq!(keys("session=junk").len(), 1);
+        assert_ne!(keys("session=junk"), keys("session=junk2"));
+        // Every malformed value counts, each once, in the order sent.
+        let both = keys("session=junk; session=other; session=junk");
+        assert_eq!(both.len(), 2);
+        assert_eq!(both[..1], keys("session=junk")[..]);
+        assert_eq!(both[1..], keys("session=other")[..]);
+        assert!(keys("session=AAAAAAAAAAAAAAAAAAAAAA").is_empty());
+        // The first few are looked at.
+        let many: Vec<String> = (0..=MAX_CANDIDATES)
+            .map(|i| format!("session=junk{i}"))
+            .collect();
+        let found = session_cookies(&headers(&many.join("; ")), &config);
+        assert_eq!(
+            found.malformed_keys,
+            session_cookies(&headers(&many[..MAX_CANDIDATES].join("; ")), &config).malformed_keys
+        );
     }
 
     #[test]

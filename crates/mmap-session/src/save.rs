@@ -247,6 +247,14 @@ async fn save(
         None if loaded.replaced => {
             // Another request replaced the cookie's session moments ago and sent the browser
             // its own cookie: nothing changed here (changes were refused), nothing is sent.
+            // Except for a logout: the user asked to be logged out of whatever the browser
+            // holds, the replacing login's cookie included.
+            if loaded.flushed {
+                tracing::debug!("a logout on a replaced session's cookie: expiring it");
+                return cookies::removal_cookie(config)
+                    .map(Some)
+                    .map_err(invalid_config);
+            }
             Ok(None)
         }
         None if loaded.stale_cookie => {
@@ -257,6 +265,7 @@ async fn save(
                 expiry: own_expiry,
                 size,
                 login: loaded.cycled,
+                logout: loaded.flushed,
             };
             Box::pin(replace_stale_cookie(shared, cookie, session, ended, now)).await
         }
@@ -297,11 +306,13 @@ struct NewSession<'a> {
     size: usize,
     /// `cycle_id` was called.
     login: bool,
+    /// `flush` was called.
+    logout: bool,
 }
 
-/// Answers a request whose cookie names no session (unknown, ended or malformed ids, every one
-/// tried) and that touched the session: with a new session's cookie, or with a removal when
-/// nothing is kept.
+/// Answers a request whose cookie names no session (unknown, ended or malformed values, every
+/// one tried or, with more than are tried, the first ones) and that touched the session: with a
+/// new session's cookie, or with a removal when nothing is kept and every value was tried.
 ///
 /// Either would replace, in the browser, the cookie of a login sent with the same cookie at the
 /// same time. So every key of the cookie (see [`Candidates::keys`]) is leased first, taken in
@@ -325,7 +336,13 @@ async fn replace_stale_cookie(
     keys.dedup();
     let mut leases = Vec::with_capacity(keys.len());
     let result = match lease_stale_keys(shared, &keys, &mut leases, now).await {
-        Ok(found) => answer_stale_cookie(shared, session, &mut leases, &found, ended, now).await,
+        Ok(found) => {
+            let answer = Answer {
+                ended,
+                expirable: !cookie.untried,
+            };
+            answer_stale_cookie(shared, session, &mut leases, &found, answer, now).await
+        }
         // Nothing to keep: the removal is only a courtesy to the browser, and without the keys
         // it could log out a login. Nothing is sent.
         Err(error) if ended => {
@@ -371,18 +388,39 @@ async fn lease_stale_keys(
     Ok(found)
 }
 
+/// What [`answer_stale_cookie`] is to answer.
+#[derive(Clone, Copy)]
+struct Answer {
+    /// Nothing is kept: a removal, if anything.
+    ended: bool,
+    /// Every value of the cookie was tried: it may be expired. (A value not tried may be a
+    /// live session's.)
+    expirable: bool,
+}
+
 /// The answer of [`replace_stale_cookie`], the keys leased.
 async fn answer_stale_cookie(
     shared: &Shared,
     session: NewSession<'_>,
     leases: &mut [LayerLease],
     found: &[StaleKey],
-    ended: bool,
+    answer: Answer,
     now: SystemTime,
 ) -> Result<Option<HeaderValue>, SessionError> {
+    let Answer { ended, expirable } = answer;
     let config = &shared.config;
     let replaced = found.contains(&StaleKey::Replaced);
     if replaced && !session.login {
+        if ended && session.logout {
+            // A logout overtaken by a login on the same cookie: the user asked to be logged
+            // out, of the login's cookie too.
+            tracing::debug!(
+                "a login replaced the stale session cookie while a logout ran: expiring it"
+            );
+            return cookies::removal_cookie(config)
+                .map(Some)
+                .map_err(invalid_config);
+        }
         if ended {
             tracing::debug!(
                 "a login replaced the stale session cookie while this request ran: nothing sent"
@@ -398,6 +436,10 @@ async fn answer_stale_cookie(
         if replaced {
             // A login that keeps nothing, on a cookie another login replaced: it sends
             // nothing, not a removal that would log that one out.
+            return Ok(None);
+        }
+        if !expirable {
+            tracing::debug!("some session cookies were not tried: none is expired");
             return Ok(None);
         }
         tracing::debug!("the session cookie names no session: expiring it");

@@ -153,6 +153,9 @@ pub(crate) struct Loaded {
     /// [`Session::cycle_id`] was called: a login. On a cookie that names no session, the save
     /// leaves the replaced marker under the cookie's keys.
     pub(crate) cycled: bool,
+    /// [`Session::flush`] was called: a logout. On a cookie replaced by a login moments ago, the
+    /// save sends the removal all the same (the user asked to be logged out).
+    pub(crate) flushed: bool,
     /// The encoded length of `data` and `expiry`, kept up to date change by change so that an insert
     /// costs the size of its value, not of the whole session. Exact for records this layer wrote;
     /// only an estimate for others, which is why a change is refused only after an exact count
@@ -172,6 +175,7 @@ impl Loaded {
             stale_cookie: false,
             replaced: false,
             cycled: false,
+            flushed: false,
             size: envelope::EMPTY_LEN,
         }
     }
@@ -275,16 +279,19 @@ impl SessionInner {
         }
         // A malformed value names no session, but a login on it leaves a marker under the key
         // that stands for it.
-        if let (false, Some(key)) = (replaced, &self.cookie.malformed_key) {
+        for key in &self.cookie.malformed_keys {
+            if replaced {
+                break;
+            }
             replaced = self.marked_replaced(&key[..]).await?;
         }
         // The client's id, if any, is never adopted: a new session always gets a fresh one.
         let mut loaded = Loaded::new_session(fresh_id()?);
         loaded.replaced = replaced;
-        // Expired only if every value sent was tried: a live session's cookie may be among the
-        // ones that were not.
-        loaded.stale_cookie =
-            (!self.cookie.is_empty() || self.cookie.malformed) && !self.cookie.untried;
+        // Guarded against a login with the same cookie (see `save::replace_stale_cookie`),
+        // even when some values were not tried; those are then never expired, as a live
+        // session's cookie may be among them.
+        loaded.stale_cookie = !self.cookie.is_empty() || self.cookie.malformed;
         Ok(loaded)
     }
 
@@ -335,6 +342,7 @@ impl SessionInner {
                     stale_cookie: false,
                     replaced: false,
                     cycled: false,
+                    flushed: false,
                     size,
                 })))
             }
@@ -722,6 +730,12 @@ impl Session {
     /// cookie stays in the browser. Later the old cookie names no session. A flushed session never
     /// comes back.
     ///
+    /// A logout sent with a cookie that a login (`cycle_id`) replaced while or just before it ran
+    /// (two tabs, say) is the exception: the cookie the browser holds now is the login's, which
+    /// the logout cannot reach, and the user asked to be logged out. The logout sends the
+    /// removal, so the browser drops the login's cookie if the logout's answer arrives after the
+    /// login's; the login's session itself is left to expire.
+    ///
     /// # Errors
     ///
     /// Load errors (see [`SessionError`]).
@@ -734,6 +748,7 @@ impl Session {
             loaded.modified = false;
             loaded.expiry_changed = false;
             loaded.id = new_id;
+            loaded.flushed = true;
             Ok(())
         })
         .await

@@ -1900,6 +1900,534 @@ async fn a_request_ended_during_an_access_releases_the_lease_when_the_next_waiti
     keep.notify_one();
 }
 
+// --- Review 13: hostile cookies and the races around a stale cookie, tried from the outside ---
+//
+// Each test below is an attack on issue 13's promise ("hostile cookies and values never log a
+// user out or leak a lease", file and Redis). The ones that found a hole say so in their doc.
+
+/// Sends one request through `app` with one `Cookie` header per entry of `headers` (HTTP/2
+/// clients send each cookie in a header of its own), of these exact bytes.
+async fn send_cookie_headers(
+    app: &Router,
+    method: &str,
+    path: &str,
+    headers: &[Vec<u8>],
+) -> axum::http::Response<axum::body::Body> {
+    let mut request = axum::http::Request::builder().method(method).uri(path);
+    for value in headers {
+        request = request.header(
+            header::COOKIE,
+            axum::http::HeaderValue::from_bytes(value).unwrap(),
+        );
+    }
+    tower::ServiceExt::oneshot(
+        app.clone(),
+        request.body(axum::body::Body::empty()).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Odd bytes around a live session's cookie (duplicates, quotes, empty and non-UTF-8 values,
+/// hundreds of malformed values, several `Cookie` headers, stale ids first) neither hide the
+/// live session nor replace or expire its cookie.
+async fn review13_odd_cookie_bytes_never_hide_replace_or_expire_a_live_session(kind: Kind) {
+    let store = kind.store().await;
+    let app = app(SessionLayer::new(store.clone()));
+    let live = new_session(&app).await;
+    let value = live.split_once('=').unwrap().1.to_owned();
+    let hundreds: Vec<String> = (0..300).map(|i| format!("session=junk{i}")).collect();
+    let headers: Vec<Vec<Vec<u8>>> = vec![
+        vec![format!("{live}; {live}").into_bytes()],
+        vec![format!("session=\"{value}\"").into_bytes()],
+        vec![format!(" session = {value} ; session=junk").into_bytes()],
+        vec![format!("session=; {live}").into_bytes()],
+        vec![format!("session=\"; session=\"\"; {live}").into_bytes()],
+        vec![[b"session=\xff\xfe\x80; ".as_slice(), live.as_bytes()].concat()],
+        vec![format!("session=café; {live}; session=ünïcödé").into_bytes()],
+        vec![format!("session=junk; {live}; session=other-junk").into_bytes()],
+        vec![format!("{}; {live}", hundreds.join("; ")).into_bytes()],
+        vec![b"session=junk".to_vec(), live.clone().into_bytes()],
+        vec![
+            unknown_pair(1).into_bytes(),
+            b"session=junk".to_vec(),
+            format!("{}; {live}", unknown_pair(2)).into_bytes(),
+        ],
+        vec![format!(
+            "{}; {}; {}; {live}",
+            unknown_pair(1),
+            unknown_pair(2),
+            unknown_pair(3)
+        )
+        .into_bytes()],
+    ];
+    for (i, header) in headers.iter().enumerate() {
+        let response = send_cookie_headers(&app, "POST", "/n", header).await;
+        assert!(
+            set_cookies(&response).is_empty(),
+            "case {i}: {:?}",
+            set_cookies(&response)
+        );
+        assert_eq!(
+            text_status(response).await,
+            (StatusCode::OK, (i + 2).to_string()),
+            "case {i}: the live session was not found"
+        );
+    }
+    // A logout with odd values around the cookie ends the live session, and only it.
+    let response = send_cookie_headers(
+        &app,
+        "POST",
+        "/logout",
+        &[format!("session=junk; {live}; session=").into_bytes()],
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(jar_after(Some(live.clone()), &[&response]), None);
+    assert_replaced(&app, &store, &live).await;
+}
+
+/// Values a client can derive from a live session's cookie (or send without signing) never
+/// reach that session: each starts a fresh one, with a fresh id, and the live one is untouched.
+async fn review13_values_near_a_live_id_never_reach_its_session(kind: Kind) {
+    let store = kind.store().await;
+    let keys = SigningKeys::new([[7u8; 32]]).unwrap();
+    for signed in [false, true] {
+        let layer = SessionLayer::new(store.clone());
+        let app = app(if signed {
+            layer.signed(keys.clone())
+        } else {
+            layer
+        });
+        let live = new_session(&app).await;
+        let value = live.split_once('=').unwrap().1.to_owned();
+        let id_text = value.split('.').next().unwrap().to_owned();
+        let mut near = vec![
+            format!("session={value}x"),
+            format!("session={}", &value[..value.len() - 1]),
+            format!("session=\" {value}\""),
+            format!("session={value}."),
+            format!("session={}", value.to_ascii_uppercase()),
+            format!("session={id_text}.{}", "A".repeat(43)),
+        ];
+        if signed {
+            // The bare id, without its tag.
+            near.push(format!("session={id_text}"));
+        }
+        for cookie in &near {
+            let response = send(&app, "POST", "/n", Some(cookie)).await;
+            assert_eq!(response.status(), StatusCode::OK, "{cookie}");
+            let fresh = cookie_pair(&response);
+            assert_ne!(id_of(&fresh), id_of(&live), "{cookie}");
+            assert_eq!(
+                text(response).await,
+                "1",
+                "{cookie} reached the live session"
+            );
+        }
+        let response = get_req(&app, "/n", Some(&live)).await;
+        assert_eq!(text_status(response).await, (StatusCode::OK, "1".into()));
+    }
+}
+
+/// Requests that never touch the session do no store access, whatever their cookies hold
+/// (a live, a replaced, a gone and malformed values, hundreds of values).
+async fn review13_untouched_requests_with_hostile_cookies_do_no_store_access(kind: Kind) {
+    let store = kind.store().await;
+    let backend = Counting::new(store.clone());
+    let app = routes()
+        .route(
+            "/id-only",
+            get(|session: Session| async move { format!("{:?}", session.id()) }),
+        )
+        .layer(SessionLayer::new(backend.clone()));
+    let live = new_session(&app).await;
+    let replaced = new_session(&app).await;
+    send(&app, "POST", "/logout", Some(&replaced)).await;
+    let gone = gone_cookie(&app, &store).await;
+    let hundreds: Vec<String> = (0..300).map(|i| format!("session=junk{i}")).collect();
+    let accesses = backend.leases() + backend.unleased_reads();
+    for cookie in [
+        live.clone(),
+        replaced.clone(),
+        gone.clone(),
+        format!("session=junk; {gone}; {replaced}; {live}"),
+        format!("{}; {live}", hundreds.join("; ")),
+        "session=\"".to_owned(),
+    ] {
+        for path in ["/plain", "/id-only"] {
+            let response = get_req(&app, path, Some(&cookie)).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert!(set_cookies(&response).is_empty(), "{path} {cookie}");
+        }
+    }
+    assert_eq!(
+        backend.leases() + backend.unleased_reads(),
+        accesses,
+        "an untouched request reached the store"
+    );
+}
+
+/// A route that logs in and then waits at `barrier`: two such logins load the session (and see
+/// no marker) before either saves.
+fn two_logins_app(layer: SessionLayer, barrier: Arc<tokio::sync::Barrier>) -> Router {
+    routes()
+        .route(
+            "/login-together",
+            post(move |session: Session| {
+                let barrier = Arc::clone(&barrier);
+                async move {
+                    session.cycle_id().await?;
+                    session.insert("user", "ann").await?;
+                    barrier.wait().await;
+                    Ok::<_, SessionError>(())
+                }
+            }),
+        )
+        .layer(layer)
+}
+
+/// Two logins at once on one stale cookie (a gone id, a malformed value, both): both answer,
+/// each with a session of its own; the cookie is left marked; no key's lease is left held.
+async fn review13_two_logins_at_once_on_one_stale_cookie(kind: Kind) {
+    let store = kind.store().await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let app = two_logins_app(
+        SessionLayer::new(store.clone()).lease_wait(Duration::from_secs(10)),
+        Arc::clone(&barrier),
+    );
+    let quick = app_with_wait(&store, Duration::from_millis(300));
+    let gone = gone_cookie(&app, &store).await;
+    for stale in [
+        gone.clone(),
+        MALFORMED.to_owned(),
+        format!("{gone}; session=junk"),
+    ] {
+        let logins: Vec<_> = (0..2)
+            .map(|_| {
+                let (app, stale) = (app.clone(), stale.clone());
+                tokio::spawn(
+                    async move { send(&app, "POST", "/login-together", Some(&stale)).await },
+                )
+            })
+            .collect();
+        let mut pairs = Vec::new();
+        for login in logins {
+            let login = tokio::time::timeout(Duration::from_secs(20), login)
+                .await
+                .expect("both logins were answered")
+                .unwrap();
+            assert_eq!(login.status(), StatusCode::OK, "{stale}");
+            pairs.push(cookie_pair(&login));
+        }
+        assert_ne!(id_of(&pairs[0]), id_of(&pairs[1]));
+        for pair in &pairs {
+            assert_eq!(
+                text(get_req(&quick, "/user", Some(pair)).await).await,
+                "ann"
+            );
+        }
+        // The stale cookie is marked: a change with it is refused, and sends no cookie.
+        let write = send(&quick, "POST", "/n", Some(&stale)).await;
+        assert!(set_cookies(&write).is_empty(), "{:?}", set_cookies(&write));
+        assert_eq!(write.status(), StatusCode::CONFLICT, "{stale}");
+        // A third login on it goes through at once: no key's lease was left held.
+        let again = send(&quick, "POST", "/login", Some(&stale)).await;
+        assert_eq!(again.status(), StatusCode::OK, "{stale}");
+    }
+}
+
+/// The test routes under a layer of `store` that waits at most `wait` for a lease: a request
+/// that finds a lease left held answers 503.
+fn app_with_wait(store: &TestStore, wait: Duration) -> Router {
+    let gate = Gate::default();
+    long_poll_app(SessionLayer::new(store.clone()).lease_wait(wait), gate)
+}
+
+/// The client goes away while its request holds a stale cookie's keys and waits for the next
+/// one: every key it held is free at once for the next request.
+async fn review13_a_request_cancelled_while_holding_stale_keys_releases_them(kind: Kind) {
+    let store = kind.store().await;
+    let backend = Counting::new(store.clone());
+    let app = app(SessionLayer::new(backend.clone()).lease_wait(Duration::from_secs(20)));
+    let quick = app_with_wait(&store, Duration::from_millis(300));
+    // Keys sort as [0; 16] < the malformed value's key (most likely) < [0xff; 16]: the request
+    // takes the first ones and waits for the last, which the test holds.
+    let (first, last) = (unknown_pair(0), unknown_pair(0xff));
+    // The login last: it leaves the malformed value's key marked.
+    for (method, path) in [("POST", "/n"), ("POST", "/logout"), ("POST", "/login")] {
+        let cookie = format!("{first}; session=junk; {last}");
+        let held = store.hold(id_of(&last).as_bytes()).await;
+        let leases = backend.leases();
+        let request = tokio::spawn({
+            let (app, cookie) = (app.clone(), cookie.clone());
+            async move { send(&app, method, path, Some(&cookie)).await }
+        });
+        tokio::time::timeout(Duration::from_secs(10), backend.leases_asked(leases + 3))
+            .await
+            .expect("the request took the first keys and waits for the last");
+        request.abort();
+        assert!(request.await.unwrap_err().is_cancelled());
+        held.release().await;
+        // Nothing was written, and no key is held.
+        assert!(store.get(id_of(&first).as_bytes()).await.is_none());
+        let response = send(&quick, method, path, Some(&cookie)).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "{path}: a key's lease was left held by the cancelled request"
+        );
+        // Start again from an unmarked cookie.
+        for key in [&first, &last] {
+            let mut lease = store.hold(id_of(key).as_bytes()).await;
+            lease.remove().await.unwrap();
+            lease.release().await;
+        }
+    }
+}
+
+/// A handler that panics after touching the session of a stale cookie leaves no lease held.
+async fn review13_a_panic_with_a_stale_cookie_leaks_no_lease(kind: Kind) {
+    let store = kind.store().await;
+    let app = gated_app(
+        SessionLayer::new(store.clone()).lease_wait(Duration::from_millis(300)),
+        Gate::default(),
+    );
+    let gone = gone_cookie(&app, &store).await;
+    for stale in [gone, MALFORMED.to_owned()] {
+        let request = tokio::spawn({
+            let (app, stale) = (app.clone(), stale.clone());
+            async move { send(&app, "POST", "/panic", Some(&stale)).await }
+        });
+        assert!(request.await.unwrap_err().is_panic());
+        let response = send(&app, "POST", "/login", Some(&stale)).await;
+        assert_eq!(response.status(), StatusCode::OK, "{stale}");
+    }
+}
+
+/// When a stale cookie's key stays busy past `lease_wait`: a change or a login answers `503`
+/// with `Retry-After` and no cookie, and writes nothing (no new session, no marker); a read
+/// answers as the handler did, without a cookie. Once the key is free, all go through.
+async fn review13_a_stale_key_lease_timeout_answers_503_and_writes_nothing(kind: Kind) {
+    let store = kind.store().await;
+    let backend = Faulty::new(store.clone());
+    let app = long_poll_app(
+        SessionLayer::new(backend.clone()).lease_wait(Duration::from_millis(200)),
+        Gate::default(),
+    );
+    let gone = gone_cookie(&app, &store).await;
+    backend.committed.lock().unwrap().clear();
+    let held = store.hold(id_of(&gone).as_bytes()).await;
+    for path in ["/n", "/login"] {
+        let response = send(&app, "POST", path, Some(&gone)).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert!(set_cookies(&response).is_empty(), "{path}");
+    }
+    let read = get_req(&app, "/n", Some(&gone)).await;
+    assert!(set_cookies(&read).is_empty());
+    assert_eq!(text_status(read).await, (StatusCode::OK, "0".into()));
+    assert!(
+        backend.committed.lock().unwrap().is_empty(),
+        "something was written: {:?}",
+        backend.committed.lock().unwrap()
+    );
+    held.release().await;
+    let login = send(&app, "POST", "/login", Some(&gone)).await;
+    assert_eq!(login.status(), StatusCode::OK);
+    let logged_in = cookie_pair(&login);
+    assert_eq!(
+        text(get_req(&app, "/user", Some(&logged_in)).await).await,
+        "ann"
+    );
+}
+
+/// HOLE (fixed): a logout sent with the pre-login cookie and answered after a login made with
+/// it (two tabs) answered 200 and sent nothing: the browser kept the login's cookie, and the
+/// user who asked to log out stayed logged in. On a live session, and on a stale cookie
+/// (loaded after the login, or before it and answered after).
+async fn review13_a_logout_answered_after_a_login_logs_the_user_out(kind: Kind) {
+    let store = kind.store().await;
+    let gate = Gate::default();
+    let app = routes()
+        .route(
+            "/slow-logout",
+            post({
+                let gate = gate.clone();
+                move |session: Session| {
+                    let gate = gate.clone();
+                    async move {
+                        session.flush().await?;
+                        gate.holding.notify_one();
+                        gate.release.notified().await;
+                        Ok::<_, SessionError>(())
+                    }
+                }
+            }),
+        )
+        .layer(SessionLayer::new(store.clone()));
+    let live = new_session(&app).await;
+    let gone = gone_cookie(&app, &store).await;
+    for old in [live, gone.clone(), MALFORMED.to_owned()] {
+        let login = send(&app, "POST", "/login", Some(&old)).await;
+        assert_eq!(login.status(), StatusCode::OK);
+        let logout = send(&app, "POST", "/logout", Some(&old)).await;
+        assert_eq!(logout.status(), StatusCode::OK, "{old}");
+        assert_eq!(
+            jar_after(Some(old.clone()), &[&login, &logout]),
+            None,
+            "the logout with {old}, answered after the login, left the user logged in"
+        );
+    }
+    // Loaded before the login, answered after it.
+    let stale = unknown_pair(9);
+    let logout = tokio::spawn({
+        let (app, stale) = (app.clone(), stale.clone());
+        async move { send(&app, "POST", "/slow-logout", Some(&stale)).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), gate.holding.notified())
+        .await
+        .expect("the logout reached the gate");
+    let login = send(&app, "POST", "/login", Some(&stale)).await;
+    assert_eq!(login.status(), StatusCode::OK);
+    gate.release.notify_one();
+    let logout = tokio::time::timeout(Duration::from_secs(10), logout)
+        .await
+        .expect("the logout was answered")
+        .unwrap();
+    assert_eq!(logout.status(), StatusCode::OK);
+    assert_eq!(
+        jar_after(Some(stale), &[&login, &logout]),
+        None,
+        "the logout answered after the login left the user logged in"
+    );
+}
+
+/// The other order: a login sent with the old cookie and answered after a logout made with it
+/// logs in (the last answer wins), with nothing of the logged-out session, and leaves no lease
+/// held.
+async fn review13_a_login_answered_after_a_logout_logs_in(kind: Kind) {
+    let store = kind.store().await;
+    let app = app_with_wait(&store, Duration::from_millis(300));
+    let live = new_session(&app).await;
+    let gone = gone_cookie(&app, &store).await;
+    for old in [live, gone, MALFORMED.to_owned()] {
+        let logout = send(&app, "POST", "/logout", Some(&old)).await;
+        assert_eq!(logout.status(), StatusCode::OK);
+        let login = send(&app, "POST", "/login", Some(&old)).await;
+        assert_eq!(login.status(), StatusCode::OK, "{old}");
+        let logged_in = jar_after(Some(old.clone()), &[&logout, &login]);
+        assert_eq!(logged_in, Some(cookie_pair(&login)), "{old}");
+        let logged_in = logged_in.unwrap();
+        assert_eq!(
+            text(get_req(&app, "/user", Some(&logged_in)).await).await,
+            "ann"
+        );
+        assert_eq!(text(get_req(&app, "/n", Some(&logged_in)).await).await, "0");
+    }
+}
+
+/// HOLE (fixed): only the first malformed value of the cookie's name had a key. A browser that
+/// holds two (one under a longer path, sent first) sends both from that path and only the other
+/// from `/`; a login from one of them left its marker where a request from the other did not
+/// look, and that request, answered after the login, expired the login's cookie (`Path=/`).
+async fn review13_two_malformed_values_of_two_paths_and_a_login(kind: Kind) {
+    let store = kind.store().await;
+    let gate = Gate::default();
+    let app = long_poll_app(SessionLayer::new(store.clone()), gate.clone());
+    // `session=junk-app-N` lives under `Path=/app`, `session=junk-root-N` under `Path=/` (the
+    // layer's): from /app the browser sends both, the longer path first; from / only the latter.
+    // Fresh values for each pass: a pass leaves its values marked.
+    for pass in 0..2 {
+        let from_app = format!("session=junk-app-{pass}; session=junk-root-{pass}");
+        let from_root = format!("session=junk-root-{pass}");
+        let (poll_cookie, login_cookie) = if pass == 0 {
+            (from_root.clone(), from_app.clone())
+        } else {
+            (from_app.clone(), from_root.clone())
+        };
+        let late = tokio::spawn({
+            let (app, cookie) = (app.clone(), poll_cookie.clone());
+            async move { get_req(&app, "/long-poll", Some(&cookie)).await }
+        });
+        tokio::time::timeout(Duration::from_secs(10), gate.holding.notified())
+            .await
+            .expect("the long poll reached the gate");
+        let login = send(&app, "POST", "/login", Some(&login_cookie)).await;
+        assert_eq!(login.status(), StatusCode::OK);
+        let logged_in = cookie_pair(&login);
+        gate.release.notify_one();
+        let late = tokio::time::timeout(Duration::from_secs(10), late)
+            .await
+            .expect("the long poll was answered")
+            .unwrap();
+        assert_eq!(
+            jar_after(Some(from_root.clone()), &[&login, &late]),
+            Some(logged_in),
+            "the long poll sent with {poll_cookie:?}, answered after a login sent with \
+             {login_cookie:?}, logged the user out: {:?}",
+            set_cookies(&late)
+        );
+    }
+}
+
+/// More malformed values than are looked at: a request sent with them and answered after a
+/// login sent with the same ones does not log the user out (the first ones are marked).
+async fn review13_many_malformed_values_and_a_login(kind: Kind) {
+    let store = kind.store().await;
+    let gate = Gate::default();
+    let app = long_poll_app(SessionLayer::new(store.clone()), gate.clone());
+    let many: Vec<String> = (0..50).map(|i| format!("session=junk{i}")).collect();
+    let status = answered_after_a_login(&app, &gate, &many.join("; "), "/long-poll").await;
+    assert_eq!(status, StatusCode::OK);
+    let many: Vec<String> = (0..50).map(|i| format!("session=other{i}")).collect();
+    let status = answered_after_a_login(&app, &gate, &many.join("; "), "/slow-write").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+/// HOLE (fixed): more well-formed values than are tried (five stale ids, say path-scoped or
+/// planted) turned the whole stale-cookie guard off, not only the removal: a login with them left
+/// no marker, and a change sent with them and answered after the login sent its new session's
+/// cookie, which replaced the login's.
+async fn review13_more_ids_than_are_tried_and_a_login(kind: Kind) {
+    let store = kind.store().await;
+    let gate = Gate::default();
+    let app = long_poll_app(SessionLayer::new(store.clone()), gate.clone());
+    let five: Vec<String> = (20..25).map(unknown_pair).collect();
+    let status = answered_after_a_login(&app, &gate, &five.join("; "), "/slow-write").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let five: Vec<String> = (30..35).map(unknown_pair).collect();
+    let status = answered_after_a_login(&app, &gate, &five.join("; "), "/long-poll").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// OPEN: one cookie value held by several browsers (an empty `session=`, a value an old version
+/// of the site set for everyone, or one planted from a sibling subdomain when the name has no
+/// `__Host-` prefix) stands for one key. A login by one of them, or by an attacker who sends that
+/// value on purpose (again every `REPLACED_GRACE`), leaves the marker there, and every other
+/// browser that sends it has its changes refused (`409`) and is never sent a new cookie, until
+/// the marker expires. Not small to fix: the layer cannot tell two browsers that send the same
+/// bytes apart.
+async fn review13_a_value_shared_by_two_browsers_lets_one_login_refuse_the_others_changes(
+    kind: Kind,
+) {
+    let store = kind.store().await;
+    let app = app(SessionLayer::new(store.clone()));
+    for shared in ["session=", &unknown_pair(5)] {
+        // An attacker (or another user) logs in with the value.
+        let login = send(&app, "POST", "/login", Some(shared)).await;
+        assert_eq!(login.status(), StatusCode::OK);
+        // Another browser with the same value starts an anonymous session.
+        let response = send(&app, "POST", "/n", Some(shared)).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "another browser's login with {shared:?} refused this browser's change"
+        );
+        assert!(jar_after(Some(shared.to_owned()), &[&response]).is_some());
+    }
+}
+
 /// Makes a `file::NAME` and a `redis::NAME` test of each route test `NAME(kind: Kind)` listed (a
 /// route test left out of the list is dead code, which the lints refuse). `NAME: multi_thread`
 /// runs on a two-thread runtime; `NAME: open` marks a test of a hole not closed yet (ignored:
@@ -1992,4 +2520,17 @@ every_backend! {
     a_login_retried_after_its_answer_was_lost_is_not_refused,
     a_login_on_a_replaced_cookie_that_saves_nothing_sends_no_cookie,
     a_request_ended_during_an_access_releases_the_lease_when_the_next_waiting_access_is_cancelled,
+    review13_odd_cookie_bytes_never_hide_replace_or_expire_a_live_session,
+    review13_values_near_a_live_id_never_reach_its_session,
+    review13_untouched_requests_with_hostile_cookies_do_no_store_access,
+    review13_two_logins_at_once_on_one_stale_cookie: multi_thread,
+    review13_a_request_cancelled_while_holding_stale_keys_releases_them,
+    review13_a_panic_with_a_stale_cookie_leaks_no_lease,
+    review13_a_stale_key_lease_timeout_answers_503_and_writes_nothing,
+    review13_a_logout_answered_after_a_login_logs_the_user_out,
+    review13_a_login_answered_after_a_logout_logs_in,
+    review13_two_malformed_values_of_two_paths_and_a_login,
+    review13_many_malformed_values_and_a_login,
+    review13_more_ids_than_are_tried_and_a_login,
+    review13_a_value_shared_by_two_browsers_lets_one_login_refuse_the_others_changes: open,
 }

@@ -26,6 +26,9 @@
 //! `--durability` (or the environment variable `MMAP_BENCH_DURABILITY`, which the runner's
 //! servers inherit) sets when the file backends (`mmap`, `ts-mmap`, `ts-mmap-lease`) force
 //! commits to the disk: `never` (the default), `periodic:<ms>` or `on-commit`.
+//!
+//! `--metrics prometheus` (or `MMAP_BENCH_METRICS=prometheus`) installs a Prometheus recorder
+//! first, so the cost of recording the metrics can be set beside `none`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -111,6 +114,11 @@ struct Cli {
     /// When the file backends force commits to the disk: `never`, `periodic:<ms>`, `on-commit`.
     #[arg(long, env = "MMAP_BENCH_DURABILITY", default_value = "never", value_parser = durability)]
     durability: mmap_session::store::Durability,
+    /// `prometheus`: install the Prometheus recorder (metrics-exporter-prometheus) before
+    /// serving, so that the layer's and the store's metrics are recorded, and serve them at
+    /// `/metrics`; `none`: no recorder (nothing is recorded).
+    #[arg(long, env = "MMAP_BENCH_METRICS", default_value = "none", value_parser = ["none", "prometheus"])]
+    metrics: String,
 }
 
 fn durability(s: &str) -> Result<mmap_session::store::Durability, String> {
@@ -413,7 +421,27 @@ async fn shutdown_signal() {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = async {
-        let router = build(&cli).await?;
+        let prometheus = if cli.metrics == "prometheus" {
+            let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    ticks.tick().await;
+                    upkeep.run_upkeep();
+                }
+            });
+            Some(handle)
+        } else {
+            None
+        };
+        let mut router = build(&cli).await?;
+        if let Some(handle) = prometheus {
+            router = router.route(
+                "/metrics",
+                axum::routing::get(move || std::future::ready(handle.render())),
+            );
+        }
         let listener = tokio::net::TcpListener::bind(cli.listen).await?;
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown_signal())

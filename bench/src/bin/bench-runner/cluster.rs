@@ -14,6 +14,8 @@ use crate::procs::{self, Proc, TempDir};
 pub(crate) enum Backend {
     None,
     Mmap,
+    /// `Mmap` with a Prometheus recorder installed (`bench-server --metrics prometheus`).
+    MmapMetrics,
     TsMemory,
     TsRedis,
     TsSqlite,
@@ -26,7 +28,7 @@ impl Backend {
     fn flag(self) -> &'static str {
         match self {
             Self::None => "none",
-            Self::Mmap => "mmap",
+            Self::Mmap | Self::MmapMetrics => "mmap",
             Self::TsMemory => "ts-memory",
             Self::TsRedis => "ts-redis",
             Self::TsSqlite => "ts-sqlite",
@@ -126,6 +128,9 @@ impl Cluster {
                 .arg(root.join("sessions.sqlite"));
             if let Some(url) = &redis_url {
                 command.args(["--redis-url", url]);
+            }
+            if backend == Backend::MmapMetrics {
+                command.args(["--metrics", "prometheus"]);
             }
             let mut server = Proc::spawn(
                 &format!("bench-server {} #{index}", backend.flag()),

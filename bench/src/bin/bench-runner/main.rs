@@ -136,7 +136,7 @@ pub(crate) struct Case {
 /// The session payload of the large-session workload.
 const LARGE_BYTES: usize = 16 * 1024;
 
-pub(crate) const CASES: [Case; 10] = [
+pub(crate) const CASES: [Case; 11] = [
     Case {
         id: "1a",
         label: "bare axum, 1 process",
@@ -159,6 +159,12 @@ pub(crate) const CASES: [Case; 10] = [
         id: "3",
         label: "mmap-session, 3 processes + nginx",
         backend: Backend::Mmap,
+        processes: 3,
+    },
+    Case {
+        id: "3m",
+        label: "mmap-session with a Prometheus exporter installed, 3 processes + nginx",
+        backend: Backend::MmapMetrics,
         processes: 3,
     },
     Case {

@@ -17,6 +17,8 @@
 //! Instruction counts, which do not move with the machine's load:
 //! `MMAP_LAYER_BENCH_LOOP=<case> MMAP_LAYER_BENCH_OPS=N valgrind --tool=callgrind <bench binary>`
 //! runs one case N times (with `bare-` before the case name: without the layer) and exits.
+//! With `MMAP_LAYER_BENCH_RECORDER=prometheus` a Prometheus recorder (metrics-exporter-prometheus)
+//! is installed first, so the metrics are recorded: the difference is the recorder's cost.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -178,6 +180,11 @@ fn layer(c: &mut Criterion) {
 criterion_group!(benches, layer);
 
 fn main() {
+    if std::env::var("MMAP_LAYER_BENCH_RECORDER").as_deref() == Ok("prometheus") {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("install the Prometheus recorder");
+    }
     if let Ok(case) = std::env::var("MMAP_LAYER_BENCH_LOOP") {
         let ops: usize = std::env::var("MMAP_LAYER_BENCH_OPS")
             .ok()

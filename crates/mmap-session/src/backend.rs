@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use mmap_session_store::{Lease, Store, StoreError};
+use mmap_session_store::{Durability, Lease, Store, StoreError};
 
 /// A stored session record: the encoded session and its absolute expiry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -255,7 +255,7 @@ impl LayerBackend {
         deadline: Instant,
     ) -> Result<LayerLease, BackendError> {
         match self {
-            Self::File(store) => Ok(LayerLease::File(store.lease(key, deadline).await?)),
+            Self::File(store) => Ok(LayerLease::file(store, store.lease(key, deadline).await?)),
             Self::Other(backend) => Ok(LayerLease::Other(backend.lease_dyn(key, deadline).await?)),
         }
     }
@@ -270,7 +270,7 @@ impl LayerBackend {
             Self::File(store) => Ok(store
                 .lease_existing(key, deadline)
                 .await?
-                .map(LayerLease::File)),
+                .map(|lease| LayerLease::file(store, lease))),
             Self::Other(backend) => Ok(backend
                 .lease_existing_dyn(key, deadline)
                 .await?
@@ -293,14 +293,49 @@ impl LayerBackend {
 /// A lease taken through a [`LayerBackend`].
 pub(crate) enum LayerLease {
     File(Lease),
+    /// A lease of a store that forces each commit to the disk ([`Durability::OnCommit`]): its
+    /// writes wait for the disk, so they run on tokio's blocking pool, never on a runtime
+    /// worker. `None` only while a write has it.
+    FileSynced(Option<Lease>),
     Other(Box<dyn DynLease>),
 }
 
+/// Runs a write of a [`LayerLease::FileSynced`] lease on the blocking pool. If the caller stops
+/// waiting, the write still completes there, and the lease is released when it is dropped.
+async fn on_blocking_pool<R: Send + 'static>(
+    lease: Lease,
+    write: impl FnOnce(&mut Lease) -> R + Send + 'static,
+) -> Result<(Lease, R), BackendError> {
+    tokio::task::spawn_blocking(move || {
+        let mut lease = lease;
+        let result = write(&mut lease);
+        (lease, result)
+    })
+    .await
+    .map_err(|error| BackendError::Other(Box::new(error)))
+}
+
 impl LayerLease {
+    fn file(store: &Store, lease: Lease) -> Self {
+        if store.durability() == Durability::OnCommit {
+            Self::FileSynced(Some(lease))
+        } else {
+            Self::File(lease)
+        }
+    }
+
+    /// Takes a [`LayerLease::FileSynced`] lease out for a write.
+    fn take_synced(slot: &mut Option<Lease>) -> Result<Lease, BackendError> {
+        // Only a write that was cancelled midway leaves the slot empty; its lease went with it.
+        slot.take().ok_or(BackendError::LeaseLost)
+    }
+
     /// [`BackendLease::load`].
     pub(crate) async fn load(&mut self) -> Result<Option<StoredRecord>, BackendError> {
         match self {
             Self::File(lease) => BackendLease::load(lease).await,
+            Self::FileSynced(Some(lease)) => BackendLease::load(lease).await,
+            Self::FileSynced(None) => Err(BackendError::LeaseLost),
             Self::Other(lease) => lease.load_dyn().await,
         }
     }
@@ -313,6 +348,15 @@ impl LayerLease {
     ) -> Result<(), BackendError> {
         match self {
             Self::File(lease) => Ok(lease.commit(value, expires_at)?),
+            Self::FileSynced(slot) => {
+                let value = value.to_vec();
+                let (lease, result) = on_blocking_pool(Self::take_synced(slot)?, move |lease| {
+                    lease.commit(&value, expires_at)
+                })
+                .await?;
+                *slot = Some(lease);
+                Ok(result?)
+            }
             Self::Other(lease) => lease.commit_dyn(value, expires_at).await,
         }
     }
@@ -321,6 +365,12 @@ impl LayerLease {
     pub(crate) async fn remove(&mut self) -> Result<(), BackendError> {
         match self {
             Self::File(lease) => Ok(lease.remove()?),
+            Self::FileSynced(slot) => {
+                let (lease, result) =
+                    on_blocking_pool(Self::take_synced(slot)?, |lease| lease.remove()).await?;
+                *slot = Some(lease);
+                Ok(result?)
+            }
             Self::Other(lease) => lease.remove_dyn().await,
         }
     }
@@ -328,7 +378,8 @@ impl LayerLease {
     /// [`BackendLease::release`].
     pub(crate) async fn release(self) {
         match self {
-            Self::File(lease) => lease.release(),
+            Self::File(lease) | Self::FileSynced(Some(lease)) => lease.release(),
+            Self::FileSynced(None) => {}
             Self::Other(lease) => lease.release_dyn().await,
         }
     }
@@ -345,6 +396,16 @@ impl LayerLease {
                 lease.release();
                 Ok(result?)
             }
+            Self::FileSynced(mut slot) => {
+                let value = value.to_vec();
+                let (lease, result) =
+                    on_blocking_pool(Self::take_synced(&mut slot)?, move |lease| {
+                        lease.commit(&value, expires_at)
+                    })
+                    .await?;
+                lease.release();
+                Ok(result?)
+            }
             Self::Other(lease) => lease.commit_and_release_dyn(value, expires_at).await,
         }
     }
@@ -354,6 +415,12 @@ impl LayerLease {
         match self {
             Self::File(mut lease) => {
                 let result = lease.remove();
+                lease.release();
+                Ok(result?)
+            }
+            Self::FileSynced(mut slot) => {
+                let (lease, result) =
+                    on_blocking_pool(Self::take_synced(&mut slot)?, |lease| lease.remove()).await?;
                 lease.release();
                 Ok(result?)
             }

@@ -422,7 +422,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = async {
         let prometheus = if cli.metrics == "prometheus" {
-            let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+            let handle =
+                metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
             let upkeep = handle.clone();
             tokio::spawn(async move {
                 let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));

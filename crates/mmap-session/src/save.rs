@@ -54,8 +54,9 @@ pub(crate) async fn finish(inner: Arc<SessionInner>, mut response: Response) -> 
         return response;
     }
     let now = SystemTime::now();
-    let outcome = planned_outcome(&loaded, config, now);
-    match save(&inner.shared, loaded, &inner.cookie, now).await {
+    let ended = ends(&loaded, config, now);
+    let outcome = planned_outcome(&loaded, ended);
+    match save(&inner.shared, loaded, &inner.cookie, now, ended).await {
         Ok(cookie) => {
             metrics::outcome(outcome);
             if let Some(cookie) = cookie {
@@ -76,9 +77,9 @@ fn ends(loaded: &Loaded, config: &Config, now: SystemTime) -> bool {
     loaded.data.is_empty() || expiry.expires_at(now) <= now
 }
 
-/// What [`save`] does with `loaded` if it succeeds, for `mmap_session_requests_total`.
-fn planned_outcome(loaded: &Loaded, config: &Config, now: SystemTime) -> Outcome {
-    let ended = ends(loaded, config, now);
+/// What [`save`] does with `loaded` (which `ended`, see [`ends`]) if it succeeds, for
+/// `mmap_session_requests_total`.
+fn planned_outcome(loaded: &Loaded, ended: bool) -> Outcome {
     match &loaded.found {
         Some(_) if ended => Outcome::Removed,
         Some(found) if found.id != loaded.id || loaded.modified => Outcome::Saved,
@@ -150,6 +151,7 @@ fn encode_checked(
 
 /// Writes what changed. Returns the `Set-Cookie` value to send, if any. On error nothing the handler
 /// asked for is half-done: every write is a single commit or remove, and a two-step id change is undone.
+/// `ended`: the session ends here ([`ends`], decided once by the caller).
 ///
 /// `loaded` stays boxed and is read in place: these futures are moved into a box of their own,
 /// and every byte of their state is copied there on every request.
@@ -158,11 +160,11 @@ async fn save(
     mut loaded: Box<Loaded>,
     cookie: &Candidates,
     now: SystemTime,
+    ended: bool,
 ) -> Result<Option<HeaderValue>, SessionError> {
     let config = &shared.config;
     // Fail on a cookie configuration that cannot be sent before writing anything.
     let tail = shared.cookie_tail().map_err(invalid_config)?;
-    let ended = ends(&loaded, config, now);
     let found = loaded.found.take();
     let mut id = loaded.id;
     let data = &loaded.data;

@@ -494,3 +494,29 @@ async fn a_second_store_over_the_same_file_in_one_request_uses_the_held_lease() 
     assert_eq!(bounded(send(&app, "/count", Some(&cookie))).await.body, "2");
     assert!(!any_lease_held(&store));
 }
+
+/// Creates the session in the request (an explicit save), then changes it again.
+async fn create_then_change(session: Session) -> Result<&'static str, StatusCode> {
+    session.insert("count", 1_u64).await.map_err(failed)?;
+    session.save().await.map_err(failed)?;
+    session.insert("count", 5_u64).await.map_err(failed)?;
+    Ok("created")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_created_in_the_request_then_changed_keeps_the_change() {
+    let (_dir, store) = fresh(Options::new());
+    let adapter = MmapStore::new(store.clone()).with_lease_wait(Duration::from_millis(300));
+    let (app, _gate) = app(adapter.clone(), true);
+    let creating = Router::new()
+        .route("/create", get(create_then_change))
+        .layer(SessionManagerLayer::new(adapter).with_secure(false))
+        .layer(LeaseLayer::new());
+
+    let created = bounded(send(&creating, "/create", None)).await;
+    assert_eq!(created.status, StatusCode::OK);
+    let cookie = cookie_pair(&created.set_cookie.expect("a new session sets its cookie"));
+    assert!(!any_lease_held(&store));
+    let next = bounded(send(&app, "/increment", Some(&cookie))).await;
+    assert_eq!((next.status, next.body.as_str()), (StatusCode::OK, "6"));
+}

@@ -8,7 +8,7 @@ use tower_sessions_core::session::{Id, Record};
 use tower_sessions_core::session_store::{self, ExpiredDeletion, SessionStore};
 
 use crate::error::MmapStoreError;
-use crate::lease_layer::Scope;
+use crate::lease_layer::{FileKey, Scope};
 use crate::record::{decode, encode, key_of, short_hash, store_expiry};
 
 /// How long an operation waits for a session's lease by default. Without a `LeaseLayer` the
@@ -72,6 +72,8 @@ const MAX_ID_DRAWS: u32 = 32;
 pub struct MmapStore {
     store: Store,
     lease_wait: Duration,
+    /// The file's identity, under which a `LeaseLayer` scope keeps its leases.
+    file: FileKey,
 }
 
 impl MmapStore {
@@ -80,6 +82,7 @@ impl MmapStore {
     /// format, and the two treat each other's records as damaged.
     pub fn new(store: Store) -> Self {
         Self {
+            file: FileKey::of(store.path()),
             store,
             lease_wait: DEFAULT_LEASE_WAIT,
         }
@@ -221,7 +224,7 @@ impl MmapStore {
     /// lease and keeps the lease in the scope until the response is ready.
     async fn load_leased(&self, scope: &Scope, id: &Id) -> Result<Option<Record>, MmapStoreError> {
         let key = key_of(id);
-        let file = self.store.path();
+        let file = &self.file;
         let _gate = scope.gate().await;
         // Loaded again in the same request (`Session::load`): read under the lease we hold.
         if let Some(value) = scope.with_held(file, &key, |lease| lease.read()) {
@@ -257,7 +260,7 @@ impl MmapStore {
     async fn save_leased(&self, scope: &Scope, record: &Record) -> Result<(), MmapStoreError> {
         let key = key_of(&record.id);
         let _gate = scope.gate().await;
-        let held = scope.with_held(self.store.path(), &key, |lease| {
+        let held = scope.with_held(&self.file, &key, |lease| {
             // Only a holder that lost the lease to a take-over can find the record gone.
             if lease.read().is_none() {
                 tracing::debug!(
@@ -285,7 +288,7 @@ impl MmapStore {
     async fn delete_leased(&self, scope: &Scope, id: &Id) -> Result<(), MmapStoreError> {
         let key = key_of(id);
         let _gate = scope.gate().await;
-        let held = scope.with_held(self.store.path(), &key, |lease| {
+        let held = scope.with_held(&self.file, &key, |lease| {
             lease
                 .remove()
                 .map_err(|source| self.failure(&key, "delete", source))

@@ -8,7 +8,7 @@
 //! cancelled).
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,9 +43,33 @@ struct Held {
     leases: Vec<HeldLease>,
 }
 
+/// Which store file a lease belongs to: its device and inode, so that two [`Store`]s opened at
+/// different paths of one file (a link, a relative path) find each other's leases; its path if
+/// the file's metadata could not be read when the store was wrapped.
+///
+/// [`Store`]: mmap_session_store::Store
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum FileKey {
+    Inode { dev: u64, ino: u64 },
+    Path(PathBuf),
+}
+
+impl FileKey {
+    pub(crate) fn of(path: &std::path::Path) -> FileKey {
+        use std::os::unix::fs::MetadataExt as _;
+        match std::fs::metadata(path) {
+            Ok(meta) => FileKey::Inode {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+            Err(_) => FileKey::Path(path.to_owned()),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct HeldLease {
-    file: PathBuf,
+    file: FileKey,
     key: [u8; 16],
     lease: Lease,
 }
@@ -77,19 +101,19 @@ impl Scope {
     /// Runs `f` on the lease of `key` in `file` this scope holds; `None` if it holds none.
     pub(crate) fn with_held<T>(
         &self,
-        file: &Path,
+        file: &FileKey,
         key: &[u8; 16],
         f: impl FnOnce(&mut Lease) -> T,
     ) -> Option<T> {
         let mut held = self.held();
         held.leases
             .iter_mut()
-            .find(|h| h.key == *key && h.file == file)
+            .find(|h| h.key == *key && h.file == *file)
             .map(|h| f(&mut h.lease))
     }
 
     /// Keeps `lease` until the scope ends. A scope that has already ended releases it at once.
-    pub(crate) fn keep(&self, file: &Path, key: [u8; 16], lease: Lease) {
+    pub(crate) fn keep(&self, file: &FileKey, key: [u8; 16], lease: Lease) {
         let mut held = self.held();
         if held.closed {
             drop(held);
@@ -97,7 +121,7 @@ impl Scope {
             return;
         }
         held.leases.push(HeldLease {
-            file: file.to_owned(),
+            file: file.clone(),
             key,
             lease,
         });

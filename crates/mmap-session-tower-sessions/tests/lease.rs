@@ -414,3 +414,109 @@ async fn without_the_layer_the_adapter_still_works_and_holds_nothing_across_a_re
     assert_eq!(bounded(gated).await.unwrap().body, "2");
     assert_eq!(bounded(send(&app, "/count", Some(&cookie))).await.body, "2");
 }
+
+/// Reads the session, then panics before its response.
+async fn read_then_panic(session: Session) -> String {
+    let _: Option<u64> = session.get("count").await.unwrap();
+    panic!("the handler fails after reading its session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_panics_after_reading_its_session_releases_the_lease() {
+    let (_dir, store) = fresh(Options::new());
+    let adapter = MmapStore::new(store.clone()).with_lease_wait(Duration::from_millis(300));
+    let (app, _gate) = app(adapter.clone(), true);
+    let cookie = start_session(&app).await;
+    let panicking = Router::new()
+        .route("/panic", get(read_then_panic))
+        .layer(SessionManagerLayer::new(adapter).with_secure(false))
+        .layer(LeaseLayer::new());
+
+    // As in a server's connection task: the panic ends the task that served the request.
+    let task = tokio::spawn(send(&panicking, "/panic", Some(&cookie)));
+    let Err(error) = bounded(task).await else {
+        panic!("the handler did not panic")
+    };
+    assert!(error.is_panic());
+    assert!(!any_lease_held(&store), "the panic released the lease");
+    let next = bounded(send(&app, "/increment", Some(&cookie))).await;
+    assert_eq!((next.status, next.body.as_str()), (StatusCode::OK, "2"));
+}
+
+/// Reads the session twice through its `Session`, then changes it.
+async fn read_twice(session: Session) -> Result<String, StatusCode> {
+    let first: u64 = session.get("count").await.map_err(failed)?.unwrap_or(0);
+    let second: u64 = session.get("count").await.map_err(failed)?.unwrap_or(0);
+    session.insert("count", second + 1).await.map_err(failed)?;
+    Ok(format!("{first} {second}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_store_over_the_same_file_in_one_request_uses_the_held_lease() {
+    let (dir, store) = fresh(Options::new());
+    let adapter = MmapStore::new(store.clone()).with_lease_wait(Duration::from_millis(300));
+    let (app, _gate) = app(adapter, true);
+    let cookie = start_session(&app).await;
+    // The same file, opened again under another path (through a link to its directory).
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+    let again = Store::open(link.join("sessions")).unwrap();
+    let other = MmapStore::new(again).with_lease_wait(Duration::from_millis(300));
+    let id = id_of(&cookie);
+    let twice = Router::new()
+        .route(
+            "/twice",
+            get(move |session: Session| {
+                let other = other.clone();
+                async move {
+                    let answer = read_twice(session).await?;
+                    // The handler reads the session again through the second store.
+                    let again = other.load(&id).await.map_err(|error| {
+                        eprintln!("second store: {error}");
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    })?;
+                    Ok::<_, StatusCode>(format!("{answer} {}", again.is_some()))
+                }
+            }),
+        )
+        .layer(
+            SessionManagerLayer::new(MmapStore::new(store.clone()))
+                .with_secure(false)
+                .with_expiry(Expiry::OnInactivity(time::Duration::hours(1))),
+        )
+        .layer(LeaseLayer::new());
+    let answer = bounded(send(&twice, "/twice", Some(&cookie))).await;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (StatusCode::OK, "1 1 true"),
+        "the second store must not wait for the lease its own request holds"
+    );
+    assert_eq!(bounded(send(&app, "/count", Some(&cookie))).await.body, "2");
+    assert!(!any_lease_held(&store));
+}
+
+/// Creates the session in the request (an explicit save), then changes it again.
+async fn create_then_change(session: Session) -> Result<&'static str, StatusCode> {
+    session.insert("count", 1_u64).await.map_err(failed)?;
+    session.save().await.map_err(failed)?;
+    session.insert("count", 5_u64).await.map_err(failed)?;
+    Ok("created")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_created_in_the_request_then_changed_keeps_the_change() {
+    let (_dir, store) = fresh(Options::new());
+    let adapter = MmapStore::new(store.clone()).with_lease_wait(Duration::from_millis(300));
+    let (app, _gate) = app(adapter.clone(), true);
+    let creating = Router::new()
+        .route("/create", get(create_then_change))
+        .layer(SessionManagerLayer::new(adapter).with_secure(false))
+        .layer(LeaseLayer::new());
+
+    let created = bounded(send(&creating, "/create", None)).await;
+    assert_eq!(created.status, StatusCode::OK);
+    let cookie = cookie_pair(&created.set_cookie.expect("a new session sets its cookie"));
+    assert!(!any_lease_held(&store));
+    let next = bounded(send(&app, "/increment", Some(&cookie))).await;
+    assert_eq!((next.status, next.body.as_str()), (StatusCode::OK, "6"));
+}

@@ -121,3 +121,96 @@ async fn every_write_path_works_on_a_store_that_syncs_each_commit() {
     assert!(report.is_clean(), "{:?}", report.problems);
     assert!(store.entries().iter().all(|entry| entry.lease.is_none()));
 }
+
+/// A request cancelled while its commit waits for (or runs on) the blocking pool: the commit
+/// completes or does not happen at all, the lease is released once it is done, and the next
+/// request of the session is served.
+#[test]
+fn a_request_cancelled_while_its_commit_is_on_the_blocking_pool_leaves_no_lease() {
+    use std::sync::mpsc as std_mpsc;
+    use std::time::{Duration, Instant};
+
+    // One blocking thread, so the test can keep the request's commit waiting for it.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let limit = Duration::from_secs(20);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions");
+        let store =
+            Store::open_with(&path, Options::new().durability(Durability::OnCommit)).unwrap();
+        let (changed_tx, mut changed) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let app = Router::new()
+            .route("/", get(count))
+            .route(
+                "/change",
+                get(move |session: Session| {
+                    let changed_tx = changed_tx.clone();
+                    async move {
+                        session.insert("n", 100_u64).await?;
+                        changed_tx.send(()).unwrap();
+                        Ok::<_, SessionError>("changed")
+                    }
+                }),
+            )
+            .layer(SessionLayer::new(store.clone()).secure(false));
+
+        let (status, _, cookie) = tokio::time::timeout(limit, send(&app, "GET", "/", None))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let cookie = cookie.expect("a new session sets its cookie");
+
+        // Occupy the only blocking thread until the request has been cancelled.
+        let (unblock_tx, unblock) = std_mpsc::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let blocker = tokio::task::spawn_blocking(move || {
+            started_tx.send(()).unwrap();
+            let _ = unblock.recv_timeout(Duration::from_secs(20));
+        });
+        tokio::time::timeout(limit, started).await.unwrap().unwrap();
+
+        let request = {
+            let (app, cookie) = (app.clone(), cookie.clone());
+            tokio::spawn(async move { send(&app, "GET", "/change", Some(&cookie)).await })
+        };
+        // The handler has changed the session; its commit cannot have run (the blocking pool is
+        // busy). The client goes away now.
+        tokio::time::timeout(limit, changed.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        request.abort();
+        assert!(request.await.unwrap_err().is_cancelled());
+        unblock_tx.send(()).unwrap();
+        tokio::time::timeout(limit, blocker).await.unwrap().unwrap();
+
+        // Whatever the cancelled commit did, it finishes and lets the lease go.
+        let deadline = Instant::now() + limit;
+        while store.entries().iter().any(|entry| entry.lease.is_some()) {
+            assert!(
+                Instant::now() < deadline,
+                "the cancelled request's lease is still held"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (status, body, _) = tokio::time::timeout(limit, send(&app, "GET", "/", Some(&cookie)))
+            .await
+            .unwrap();
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "the next request of the session is served"
+        );
+        assert!(
+            body == "2" || body == "101",
+            "the cancelled change was written whole or not at all: {body}"
+        );
+        eprintln!("after the cancelled change the session counts {body}");
+        assert!(store.verify().is_clean());
+    });
+}

@@ -735,6 +735,55 @@ impl SessionBackend for RedisBackend {
         self.lease_when(key, deadline, true).await
     }
 
+    /// One round trip, and no lease: the insert script writes the record only if the key has
+    /// neither a lease nor a record, and answers `false` at once otherwise.
+    async fn insert_new(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        expires_at: SystemTime,
+        _deadline: Instant,
+    ) -> Result<bool, BackendError> {
+        let inner = &self.inner;
+        if value.len() > inner.max_value_len {
+            return Err(BackendError::TooLarge {
+                len: value.len(),
+                max: inner.max_value_len,
+            });
+        }
+        let ttl = match expires_at.duration_since(SystemTime::now()) {
+            Ok(ttl) if !ttl.is_zero() => ttl,
+            // Already expired: there is nothing to store, and nothing was in the way.
+            _ => return Ok(true),
+        };
+        let keys = SessionKeys::new(&inner.prefix, key);
+        let reply = inner
+            .run(
+                &inner.scripts.insert,
+                "insert record",
+                vec![
+                    keys.lease.clone(),
+                    keys.generation.clone(),
+                    keys.record.clone(),
+                ],
+                vec![
+                    Value::Bytes(record::encode(value, expires_at).into()),
+                    Value::from(millis(ttl)),
+                ],
+                inner.command_timeout,
+            )
+            .await?;
+        match reply {
+            Value::Integer(1) => Ok(true),
+            Value::Integer(0) => Ok(false),
+            other => Err(RedisError::UnexpectedReply {
+                command: "insert record",
+                reply: format!("{:?}", other.kind()),
+            }
+            .into()),
+        }
+    }
+
     async fn get_unleased(&self, key: &[u8]) -> Result<Option<StoredRecord>, BackendError> {
         let keys = SessionKeys::new(&self.inner.prefix, key);
         let stored = self.inner.read("GET", &keys.record).await?;

@@ -202,6 +202,24 @@ end",
     "return 2"
 );
 
+/// Stores a new record if the key is free: no lease held on it and no record. Needs no lease of
+/// its own: nobody else can be writing a record that does not exist and whose lease is free.
+///
+/// `ARGV`: the record, its TTL (ms). Returns 1 if written, 0 if the key is in use (nothing
+/// written). Run again after it wrote (its reply lost), it finds its own bytes there (they hold
+/// the record's expiry to the nanosecond and are never written twice by different callers) and
+/// answers 1 again.
+const INSERT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+local found = redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
+if not found or found == ARGV[1] then
+  return 1
+end
+return 0
+";
+
 /// The scripts, with their SHA-1 digests (sent with `EVALSHA`, loaded on `NOSCRIPT`).
 #[derive(Debug)]
 pub(crate) struct Scripts {
@@ -212,6 +230,7 @@ pub(crate) struct Scripts {
     pub(crate) release: Script,
     pub(crate) commit_release: Script,
     pub(crate) commit_keep: Script,
+    pub(crate) insert: Script,
 }
 
 impl Scripts {
@@ -224,11 +243,12 @@ impl Scripts {
             release: Script::from_lua(RELEASE),
             commit_release: Script::from_lua(COMMIT_RELEASE),
             commit_keep: Script::from_lua(COMMIT_KEEP),
+            insert: Script::from_lua(INSERT),
         }
     }
 
     /// The script called `name` (`acquire`, `renew`, `commit`, `remove`, `release`,
-    /// `commit_release`, `commit_keep`).
+    /// `commit_release`, `commit_keep`, `insert`).
     #[cfg(feature = "test-server")]
     pub(crate) fn named(&self, name: &str) -> Option<&Script> {
         Some(match name {
@@ -239,6 +259,7 @@ impl Scripts {
             "release" => &self.release,
             "commit_release" => &self.commit_release,
             "commit_keep" => &self.commit_keep,
+            "insert" => &self.insert,
             _ => return None,
         })
     }

@@ -70,6 +70,43 @@ async fn an_acquire_whose_reply_was_lost_is_taken_when_the_client_sends_it_again
 }
 
 #[tokio::test]
+async fn an_insert_whose_reply_was_lost_is_answered_written_when_the_client_sends_it_again() {
+    bounded(LIMIT, async {
+        let (_server, proxy, backend) = start(|config| config).await;
+        // Loaded first, so that the faulty run is the script's and not a NOSCRIPT refusal.
+        assert!(backend
+            .insert_new(b"other", b"o", in_an_hour(), soon(1000))
+            .await
+            .unwrap());
+        let lost = proxy.on_script(Fault::DropReply, 1, &sha("insert"));
+        // The insert writes the record, its reply is lost with the connection, and the client
+        // sends it again: the second run finds the bytes of the first and answers "written",
+        // not "in use" (which would make the layer draw another id and orphan this record).
+        let written = backend
+            .insert_new(b"k", b"v", in_an_hour(), soon(3000))
+            .await
+            .unwrap();
+        lost.completed(1).await;
+        assert!(written, "the replayed insert said the key was in use");
+        assert_eq!(
+            backend.get_unleased(b"k").await.unwrap().unwrap().value,
+            b"v"
+        );
+        // The key is in use now: another insert of it writes nothing.
+        assert!(!backend
+            .insert_new(b"k", b"w", in_an_hour(), soon(1000))
+            .await
+            .unwrap());
+        assert_eq!(
+            backend.get_unleased(b"k").await.unwrap().unwrap().value,
+            b"v"
+        );
+        assert_free(&backend, b"k").await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_acquire_cut_off_mid_script_is_taken_when_the_client_sends_it_again() {
     bounded(LIMIT, async {
         let (_server, proxy, backend) = start(|config| config).await;

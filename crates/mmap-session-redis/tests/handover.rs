@@ -64,6 +64,35 @@ async fn a_changing_request_costs_two_round_trips_and_a_read_only_one_costs_one(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_costs_one_round_trip_and_leaves_no_lease() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.port()).await.unwrap();
+        let backend = RedisConfig::new(proxy.url()).connect().await.unwrap();
+        let port = serve(backend.clone(), Duration::from_secs(5)).await;
+        // The first run of each script loads it (NOSCRIPT, SCRIPT LOAD): counted after.
+        let warm = request(port, "/", None).await;
+        assert_eq!((warm.status, warm.body.as_str()), (200, "1"));
+        let warm = request(port, "/", warm.cookie.as_deref()).await;
+        assert_eq!((warm.status, warm.body.as_str()), (200, "2"));
+
+        let commands = count_all(&proxy);
+        let scripts_before = calls(&server, "evalsha");
+        let new = request(port, "/", None).await;
+        assert_eq!((new.status, new.body.as_str()), (200, "1"));
+        assert_eq!(counted(&commands), 1, "one insert script, no lease taken");
+        assert_eq!(calls(&server, "evalsha"), scripts_before + 1);
+        // The new session is there, and its lease is free: the next request takes it at the
+        // first try (acquire+read, commit+release).
+        let cookie = new.cookie.unwrap();
+        let next = request(port, "/", Some(&cookie)).await;
+        assert_eq!((next.status, next.body.as_str()), (200, "2"));
+        assert_eq!(counted(&commands), 3);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_publishes_only_when_someone_waits() {
     bounded(LIMIT, async {
         let server = RedisServer::start().unwrap();

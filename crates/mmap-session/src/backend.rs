@@ -123,6 +123,38 @@ pub trait SessionBackend: Send + Sync + 'static {
             self.lease(key, deadline).await.map(Some)
         }
     }
+
+    /// Stores `value` under `key` as a new record if `key` is free; `Ok(false)`, with nothing
+    /// written, if it is in use (it has a live record, or a lease that someone else holds).
+    /// The layer saves a new session this way, drawing another id on `false`.
+    ///
+    /// The default takes the lease (waiting until `deadline` at most), reads the record and
+    /// commits under it. A networked backend overrides it to do the check and the write in one
+    /// round trip, answering `false` at once where the default would wait for the lease.
+    fn insert_new(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        expires_at: SystemTime,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        async move {
+            let mut lease = self.lease(key, deadline).await?;
+            match lease.load().await {
+                Ok(None) => {}
+                Ok(Some(_)) => {
+                    lease.release().await;
+                    return Ok(false);
+                }
+                Err(error) => {
+                    lease.release().await;
+                    return Err(error);
+                }
+            }
+            lease.commit_and_release(value, expires_at).await?;
+            Ok(true)
+        }
+    }
 }
 
 /// A held busy lease on one key.
@@ -275,6 +307,40 @@ impl LayerBackend {
                 .lease_existing_dyn(key, deadline)
                 .await?
                 .map(LayerLease::Other)),
+        }
+    }
+
+    /// [`SessionBackend::insert_new`]. The file store does it under its lease, through
+    /// [`LayerLease`], so that a store that syncs each commit does so on the blocking pool.
+    pub(crate) async fn insert_new(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        expires_at: SystemTime,
+        deadline: Instant,
+    ) -> Result<bool, BackendError> {
+        match self {
+            Self::File(_) => {
+                let mut lease = self.lease(key, deadline).await?;
+                match lease.load().await {
+                    Ok(None) => {}
+                    Ok(Some(_)) => {
+                        lease.release().await;
+                        return Ok(false);
+                    }
+                    Err(error) => {
+                        lease.release().await;
+                        return Err(error);
+                    }
+                }
+                lease.commit_and_release(value, expires_at).await?;
+                Ok(true)
+            }
+            Self::Other(backend) => {
+                backend
+                    .insert_new_dyn(key, value, expires_at, deadline)
+                    .await
+            }
         }
     }
 
@@ -450,6 +516,14 @@ pub(crate) trait DynBackend: Send + Sync + 'static {
         key: &'a [u8],
         deadline: Instant,
     ) -> BoxFuture<'a, Result<Option<Box<dyn DynLease>>, BackendError>>;
+
+    fn insert_new_dyn<'a>(
+        &'a self,
+        key: &'a [u8],
+        value: &'a [u8],
+        expires_at: SystemTime,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<bool, BackendError>>;
 }
 
 impl<B: SessionBackend> DynBackend for B {
@@ -480,6 +554,18 @@ impl<B: SessionBackend> DynBackend for B {
             let lease = SessionBackend::lease_existing(self, key, deadline).await?;
             Ok(lease.map(|lease| Box::new(lease) as Box<dyn DynLease>))
         })
+    }
+
+    fn insert_new_dyn<'a>(
+        &'a self,
+        key: &'a [u8],
+        value: &'a [u8],
+        expires_at: SystemTime,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<bool, BackendError>> {
+        Box::pin(SessionBackend::insert_new(
+            self, key, value, expires_at, deadline,
+        ))
     }
 }
 

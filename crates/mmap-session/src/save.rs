@@ -277,8 +277,7 @@ async fn save(
                 return Ok(None);
             }
             let bytes = encode_checked(id, data, own_expiry, size, config)?;
-            let lease = create(shared, &mut id, &bytes, expires_at).await?;
-            lease.release().await;
+            insert(shared, &mut id, &bytes, expires_at).await?;
             tracing::debug!(session = %id.short_hash(), "new session saved");
             cookies::session_cookie(&id, expiry, now, config, tail)
                 .map(Some)
@@ -552,6 +551,33 @@ async fn save_in_place(
     } else {
         Ok(None)
     }
+}
+
+/// Stores the record of a new id, without keeping any lease (one round trip where the backend
+/// can). A drawn id that is somehow in use is replaced by another.
+async fn insert(
+    shared: &Shared,
+    id: &mut SessionId,
+    bytes: &[u8],
+    expires_at: SystemTime,
+) -> Result<(), SessionError> {
+    for _ in 0..3 {
+        let deadline = deadline_after(shared.config.lease_wait);
+        let inserted = shared
+            .backend
+            .insert_new(id.as_bytes(), bytes, expires_at, deadline)
+            .await
+            .map_err(|error| {
+                backend_failure(id.log_name(), "saving the new session failed", error)
+            })?;
+        if inserted {
+            return Ok(());
+        }
+        tracing::warn!(session = %id.log_name(), "a freshly drawn id is already in use; drawing another");
+        *id = fresh_id()?;
+    }
+    tracing::error!("three freshly drawn session ids were all in use: the random source is broken");
+    Err(SessionError::Random)
 }
 
 /// Creates the record of a new id under its lease, and returns the lease (still held, so a two-step

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +21,7 @@ use crate::keys::SessionKeys;
 use crate::record;
 use crate::scripts::Scripts;
 use crate::wake::{self, TurnGuard, Waiters};
+use crate::watchdog::{self, Watch, Watched};
 use crate::RedisError;
 
 /// How long a waiter waits before trying again when the held lease has no TTL (which only
@@ -73,6 +74,8 @@ pub struct RedisBackend {
 
 struct Inner {
     connections: Connections,
+    /// The held leases to renew, in the order they are due.
+    renewals: Arc<watchdog::Queue<Renewal>>,
     scripts: Scripts,
     waiters: Arc<Waiters>,
     prefix: String,
@@ -173,21 +176,31 @@ impl RedisBackend {
             prefix = %config.key_prefix,
             "connected to Redis"
         );
+        let renewals = Arc::new(watchdog::Queue::default());
         Ok(Self {
-            inner: Arc::new(Inner {
-                connections,
-                scripts: Scripts::new(),
-                waiters,
-                prefix: config.key_prefix,
-                lease_timeout: config.lease_timeout,
-                lease_ttl: config.lease_ttl.min(config.lease_timeout),
-                command_timeout: config.command_timeout,
-                marker_life: config
-                    .lease_timeout
-                    .saturating_add(config.command_timeout.saturating_mul(2)),
-                max_value_len: config.max_value_len,
-                tasks,
-                url: config.url,
+            inner: Arc::new_cyclic(|inner| {
+                // Holds the backend weakly: it ends with the last clone (its handle is aborted
+                // then too).
+                tasks.push(
+                    tokio::spawn(watchdog(Weak::clone(inner), Arc::clone(&renewals)))
+                        .abort_handle(),
+                );
+                Inner {
+                    connections,
+                    renewals,
+                    scripts: Scripts::new(),
+                    waiters,
+                    prefix: config.key_prefix,
+                    lease_timeout: config.lease_timeout,
+                    lease_ttl: config.lease_ttl.min(config.lease_timeout),
+                    command_timeout: config.command_timeout,
+                    marker_life: config
+                        .lease_timeout
+                        .saturating_add(config.command_timeout.saturating_mul(2)),
+                    max_value_len: config.max_value_len,
+                    tasks,
+                    url: config.url,
+                }
             }),
         })
     }
@@ -380,7 +393,18 @@ fn new_token() -> Result<String, BackendError> {
             "the OS random number generator failed: {error}"
         )))
     })?;
-    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+    Ok(hex(&bytes))
+}
+
+/// `bytes` in lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+    text
 }
 
 /// A lease that may be held on the server: released when dropped unless disarmed.
@@ -395,8 +419,8 @@ struct Holding {
     /// Whether the acquire's answer was received: until then, the release leaves the token's
     /// cancel marker.
     confirmed: bool,
-    /// The task renewing the lease while it is held.
-    watchdog: Option<AbortHandle>,
+    /// The lease's entry in the watchdog's queue while it is held: renewed until dropped.
+    watchdog: Option<Watch<Renewal>>,
     /// This request's turn at the session in this process, and its registration: given back
     /// once the lease is released, or by the watchdog once the lease has lapsed, so that the next
     /// request of this process tries then.
@@ -441,9 +465,7 @@ impl Holding {
     /// Starts releasing the lease (once), in a task of its own so that it completes even if the
     /// caller is cancelled. `None` if there is nothing to release or no runtime to do it on.
     fn start_release(&mut self) -> Option<JoinHandle<()>> {
-        if let Some(watchdog) = self.watchdog.take() {
-            watchdog.abort();
-        }
+        drop(self.watchdog.take());
         let turn = take_turn(&self.turn);
         if !std::mem::replace(&mut self.armed, false) {
             return None;
@@ -481,67 +503,113 @@ impl Drop for Holding {
     }
 }
 
-/// The lease watchdog: renews the lease of `token` every third of the lease TTL, for as long as
-/// its holder keeps it and at most until `lease_timeout` after `taken` (the last renewal ends it
-/// exactly then). A renewal that finds the lease gone or someone else's sets `lost`, which ends
-/// the holder's right to write; either way (lost, or past the time-out) the holder's turn in this
-/// process is given back. A renewal that fails to reach Redis is tried again at the next tick (the
-/// scripts' token check fences any write made after the lease lapsed).
-async fn renew_while_held(
-    inner: Arc<Inner>,
+/// What renewing one held lease needs.
+pub(crate) struct Renewal {
     keys: SessionKeys,
     token: String,
-    taken: Instant,
+    /// `lease_timeout` after the lease was taken: the last renewal makes it lapse exactly then.
+    end: Instant,
+    /// Set when a renewal finds the lease gone or someone else's: ends the holder's right to
+    /// write.
     lost: Arc<AtomicBool>,
+    /// The holder's turn in this process, given back once the lease is lost or past its time-out.
     turn: Arc<TurnSlot>,
-) {
-    let every = inner.lease_ttl / 3;
-    let end = taken + inner.lease_timeout;
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::from_std(taken) + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+}
+
+impl Inner {
+    /// Has the lease of `token` renewed every third of the lease TTL, from `taken`, until the
+    /// returned guard is dropped, at most until `lease_timeout` after `taken`.
+    fn watch(
+        &self,
+        keys: &SessionKeys,
+        token: &str,
+        taken: Instant,
+        lost: &Arc<AtomicBool>,
+        turn: &Arc<TurnSlot>,
+    ) -> Watch<Renewal> {
+        let renewal = Renewal {
+            keys: keys.clone(),
+            token: token.to_owned(),
+            end: taken + self.lease_timeout,
+            lost: Arc::clone(lost),
+            turn: Arc::clone(turn),
+        };
+        self.renewals.watch(renewal, taken + self.lease_ttl / 3)
+    }
+}
+
+/// The lease watchdog: renews each lease in `inner`'s queue when it is due, each renewal in a
+/// task of its own so that a slow one holds up no other. Ends with the backend.
+async fn watchdog(inner: Weak<Inner>, queue: Arc<watchdog::Queue<Renewal>>) {
     loop {
-        tick.tick().await;
-        let now = Instant::now();
-        if now >= end {
+        let due = queue.next_due().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        tokio::spawn(renew(inner, due));
+    }
+}
+
+/// One renewal of a held lease, then queued again for the next one a third of the lease TTL
+/// later. Past `lease_timeout` the lease is no longer renewed. A renewal that finds the lease gone
+/// or someone else's sets `lost`, which ends the holder's right to write; either way (lost, or
+/// past the time-out) the holder's turn in this process is given back. A renewal that fails to
+/// reach Redis is tried again one period later (the scripts' token check fences any write made
+/// after the lease lapsed).
+async fn renew(inner: Arc<Inner>, due: Arc<Watched<Renewal>>) {
+    let every = inner.lease_ttl / 3;
+    let Renewal {
+        keys,
+        token,
+        end,
+        lost,
+        turn,
+    } = &due.lease;
+    let now = Instant::now();
+    if now >= *end {
+        tracing::warn!(
+            key = keys.short(),
+            timeout = ?inner.lease_timeout,
+            "a request held its session's lease for the whole lease time-out; the lease is no \
+             longer renewed and its changes will not be saved"
+        );
+        // The next request of this process may try now (and take the lease once it lapses).
+        drop(take_turn(turn));
+        return;
+    }
+    let ttl = inner.lease_ttl.min(*end - now);
+    let renewal = inner
+        .run(
+            &inner.scripts.renew,
+            "renew lease",
+            keys.for_token(token),
+            vec![Value::from(token.as_str()), Value::from(millis(ttl))],
+            every,
+        )
+        .await;
+    if due.is_done() {
+        // Released, committed or handed over meanwhile: nothing more to do.
+        return;
+    }
+    match renewal {
+        Ok(Value::Integer(1)) => {}
+        Ok(_) => {
+            lost.store(true, Ordering::SeqCst);
             tracing::warn!(
                 key = keys.short(),
-                timeout = ?inner.lease_timeout,
-                "a request held its session's lease for the whole lease time-out; the lease is no \
-                 longer renewed and its changes will not be saved"
+                "the session's lease expired before it could be renewed; its changes will not be \
+                 saved"
             );
-            // The next request of this process may try now (and take the lease once it lapses).
-            drop(take_turn(&turn));
+            drop(take_turn(turn));
             return;
         }
-        let ttl = inner.lease_ttl.min(end - now);
-        let renewal = inner
-            .run(
-                &inner.scripts.renew,
-                "renew lease",
-                keys.for_token(&token),
-                vec![Value::from(token.as_str()), Value::from(millis(ttl))],
-                every,
-            )
-            .await;
-        match renewal {
-            Ok(Value::Integer(1)) => {}
-            Ok(_) => {
-                lost.store(true, Ordering::SeqCst);
-                tracing::warn!(
-                    key = keys.short(),
-                    "the session's lease expired before it could be renewed; its changes will \
-                     not be saved"
-                );
-                drop(take_turn(&turn));
-                return;
-            }
-            Err(error) => tracing::warn!(
-                key = keys.short(),
-                error = %error,
-                "cannot renew a session lease; trying again"
-            ),
-        }
+        Err(error) => tracing::warn!(
+            key = keys.short(),
+            error = %error,
+            "cannot renew a session lease; trying again"
+        ),
     }
+    inner.renewals.requeue(due, Instant::now() + every);
 }
 
 impl RedisBackend {
@@ -621,17 +689,7 @@ impl RedisBackend {
                     }
                     // The server set the TTL after `sent`: counting from `sent` errs early.
                     let lost = Arc::new(AtomicBool::new(false));
-                    holding.watchdog = Some(
-                        tokio::spawn(renew_while_held(
-                            Arc::clone(inner),
-                            keys.clone(),
-                            token.clone(),
-                            sent,
-                            Arc::clone(&lost),
-                            Arc::clone(&holding.turn),
-                        ))
-                        .abort_handle(),
-                    );
+                    holding.watchdog = Some(inner.watch(&keys, &token, sent, &lost, &holding.turn));
                     return Ok(Some(RedisLease {
                         holding,
                         generation,
@@ -694,17 +752,13 @@ impl RedisBackend {
             return None;
         }
         let lost = Arc::new(AtomicBool::new(false));
-        holding.watchdog = Some(
-            tokio::spawn(renew_while_held(
-                Arc::clone(&self.inner),
-                holding.keys.clone(),
-                holding.token.clone(),
-                Instant::now(),
-                Arc::clone(&lost),
-                Arc::clone(&holding.turn),
-            ))
-            .abort_handle(),
-        );
+        holding.watchdog = Some(self.inner.watch(
+            &holding.keys,
+            &holding.token,
+            Instant::now(),
+            &lost,
+            &holding.turn,
+        ));
         Some(RedisLease {
             holding,
             generation,
@@ -893,9 +947,7 @@ impl RedisLease {
             return Err(BackendError::LeaseLost);
         }
         let holding = &mut self.holding;
-        if let Some(watchdog) = holding.watchdog.take() {
-            watchdog.abort();
-        }
+        drop(holding.watchdog.take());
         let inner = Arc::clone(&holding.inner);
         let args = vec![
             Value::from(holding.token.as_str()),
@@ -975,9 +1027,7 @@ impl RedisLease {
             return Err(BackendError::LeaseLost);
         }
         let holding = &mut self.holding;
-        if let Some(watchdog) = holding.watchdog.take() {
-            watchdog.abort();
-        }
+        drop(holding.watchdog.take());
         let inner = Arc::clone(&holding.inner);
         let mut args = write.into_iter();
         let flag = args.next().unwrap_or_else(|| Value::from("0"));
@@ -1116,5 +1166,16 @@ impl BackendLease for RedisLease {
             // A failed join means the runtime is shutting down; the lease then expires.
             let _ = task.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_is_lower_case_two_digits_per_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(hex(&[]), "");
     }
 }

@@ -15,15 +15,28 @@ pub(crate) struct SessionKeys {
     pub(crate) generation: String,
 }
 
+/// `base` followed by `suffix`, in a string of its own (every request builds these names: plain
+/// copies, not the formatting machinery).
+fn joined(base: &str, suffix: &str) -> String {
+    let mut name = String::with_capacity(base.len() + suffix.len());
+    name.push_str(base);
+    name.push_str(suffix);
+    name
+}
+
 impl SessionKeys {
     pub(crate) fn new(prefix: &str, key: &[u8]) -> Self {
-        let hash = blake3::hash(key).to_hex().to_string();
-        let record = format!("{prefix}{{{hash}}}");
+        let hash = blake3::hash(key).to_hex();
+        let mut record = String::with_capacity(prefix.len() + hash.len() + 2);
+        record.push_str(prefix);
+        record.push('{');
+        record.push_str(&hash);
+        record.push('}');
         Self {
-            lease: format!("{record}:lease"),
-            generation: format!("{record}:gen"),
+            lease: joined(&record, ":lease"),
+            generation: joined(&record, ":gen"),
             record,
-            hash,
+            hash: hash.as_str().to_owned(),
         }
     }
 
@@ -38,19 +51,23 @@ impl SessionKeys {
     /// (`{prefix}{<hash>}:cancelled:<token>`) and the flag saying that someone waits
     /// (`{prefix}{<hash>}:waiting`), all in the same slot.
     pub(crate) fn for_token(&self, token: &str) -> Vec<String> {
+        let mut marker = String::with_capacity(self.record.len() + 11 + token.len());
+        marker.push_str(&self.record);
+        marker.push_str(":cancelled:");
+        marker.push_str(token);
         vec![
             self.lease.clone(),
             self.generation.clone(),
             self.record.clone(),
-            format!("{}:cancelled:{token}", self.record),
-            format!("{}:waiting", self.record),
+            marker,
+            joined(&self.record, ":waiting"),
         ]
     }
 
     /// The session's shard channel, on which a release publishes the hash when someone waits
     /// (in the session's slot, like its keys).
     pub(crate) fn release_channel(&self) -> String {
-        format!("{}:released", self.record)
+        joined(&self.record, ":released")
     }
 }
 
@@ -70,6 +87,20 @@ mod tests {
         }
         assert_eq!(keys.short(), &keys.hash[..8]);
         assert_eq!(keys.lease, format!("app:{{{}}}:lease", keys.hash));
+        assert_eq!(
+            keys.for_token("t"),
+            [
+                format!("app:{{{}}}:lease", keys.hash),
+                format!("app:{{{}}}:gen", keys.hash),
+                format!("app:{{{}}}", keys.hash),
+                format!("app:{{{}}}:cancelled:t", keys.hash),
+                format!("app:{{{}}}:waiting", keys.hash),
+            ]
+        );
+        assert_eq!(
+            keys.release_channel(),
+            format!("app:{{{}}}:released", keys.hash)
+        );
     }
 
     #[test]

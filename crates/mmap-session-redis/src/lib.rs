@@ -57,6 +57,7 @@ mod scripts;
 #[cfg(feature = "test-server")]
 pub mod test_server;
 mod wake;
+mod watchdog;
 
 pub use backend::{RedisBackend, RedisLease};
 pub use config::{

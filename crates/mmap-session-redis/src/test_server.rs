@@ -86,12 +86,26 @@ impl RedisServer {
     /// [`TestServerError`] if `redis-server` or `redis-cli` is missing or the cluster does not
     /// come up.
     pub fn start_cluster(primaries: usize, replicas: usize) -> Result<Self, TestServerError> {
+        Self::start_cluster_with(primaries, replicas, &[])
+    }
+
+    /// [`RedisServer::start_cluster`], every node started with the `redis-server` options `extra`
+    /// as well (`["--cluster-require-full-coverage", "no"]`).
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisServer::start_cluster`].
+    pub fn start_cluster_with(
+        primaries: usize,
+        replicas: usize,
+        extra: &[&str],
+    ) -> Result<Self, TestServerError> {
         let cli = cli_program().ok_or(TestServerError::NoCli)?;
         let count = primaries * (1 + replicas);
         let mut nodes = Vec::with_capacity(count);
         for _ in 0..count {
             let bus = free_port()?.to_string();
-            nodes.push(Self::start_node(&[
+            let mut options = vec![
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -100,7 +114,9 @@ impl RedisServer {
                 "1000",
                 "--cluster-port",
                 &bus,
-            ])?);
+            ];
+            options.extend_from_slice(extra);
+            nodes.push(Self::start_node(&options)?);
         }
         let addresses: Vec<String> = nodes
             .iter()

@@ -440,14 +440,12 @@ async fn fail_over_under_load(kind: Failover) -> Outcome {
     }
     let promoted = Instant::now();
 
-    // The load goes on: every session is served again, and as many updates again are
-    // acknowledged after the promotion as before it.
-    load.wait(
-        promoted,
-        Duration::from_secs(60),
-        "every session served again",
-        |load| load.all_served_since(promoted),
-    )
+    // No lease is left stuck: every session is served again soon after the promotion (a lease
+    // held on the old primary is released, or expires by its TTL). And the load goes on: as many
+    // updates again are acknowledged after the promotion as before it.
+    load.wait(promoted, RECOVERY, "every session served again", |load| {
+        load.all_served_since(promoted)
+    })
     .await;
     let acknowledged = load.acknowledged();
     load.wait(
@@ -535,21 +533,15 @@ async fn fail_over_under_load(kind: Failover) -> Outcome {
         tally.timed_out.load(Ordering::Relaxed),
         tally.lost_lease.load(Ordering::Relaxed),
     );
-    // No lease is left stuck: a lease held on the old primary is released, or expires by its
-    // TTL, soon after the promotion.
-    let recovered = recovered[0].max(recovered[1]);
-    assert!(
-        recovered <= RECOVERY,
-        "a session was served again only {recovered:?} after the promotion"
-    );
     Outcome { lost }
 }
 
-/// How soon after a promotion every session must be served again: the lease TTL (a lease held
-/// on the old primary, replicated, whose holder's release failed, expires by it), plus the
+/// How soon after a promotion every session must be served again: the lease TTL (2 s; a lease
+/// held on the old primary, replicated, whose holder's release failed, expires by it), plus the
 /// client's reconnection (at most 1 s apart) and its new view of the slots, with room for a
-/// loaded machine. A stuck lease (one that never expires) fails it.
-const RECOVERY: Duration = Duration::from_secs(2 + 3);
+/// loaded machine. It is there to catch a lease that never expires, not to time the recovery
+/// (which the test prints).
+const RECOVERY: Duration = Duration::from_secs(2 + 5);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_failed_over_under_load_loses_no_acknowledged_update() {
@@ -575,4 +567,73 @@ async fn a_takeover_under_load_loses_at_most_what_was_not_replicated() {
 async fn a_primary_killed_under_load_loses_at_most_what_was_not_replicated() {
     let _alone = FAILOVERS.lock().await;
     bounded(LIMIT, fail_over_under_load(Failover::Crash)).await;
+}
+
+/// A primary that dies takes only its own slots' sessions away: the other primaries still serve
+/// theirs. The cluster here has no replicas and does not require every slot to be covered
+/// (`cluster-require-full-coverage no`), so Redis itself goes on serving the other primaries'
+/// slots; with the default (`yes`), it too refuses every key from when the dead node is marked
+/// failed (after the node time-out) until a replica takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: an error on one node's connection marks the pooled client down for every \
+            node (src/connections.rs), so every session gets 503 while one primary is dead"]
+async fn a_dead_primary_leaves_the_sessions_of_the_other_primaries_served() {
+    bounded(LIMIT, async {
+        let mut cluster =
+            RedisServer::start_cluster_with(3, 0, &["--cluster-require-full-coverage", "no"])
+                .unwrap();
+        let backend = RedisBackend::connect(&cluster.url()).await.unwrap();
+        let update = |key: String| {
+            let backend = backend.clone();
+            async move {
+                let mut lease = backend.lease(key.as_bytes(), soon(2_000)).await?;
+                let n = count_in(lease.load().await?);
+                lease
+                    .commit_and_release((n + 1).to_string().as_bytes(), in_an_hour())
+                    .await
+            }
+        };
+        for session in 0..SESSIONS {
+            update(format!("dead-{session}")).await.unwrap();
+        }
+        // The primary (not the first node) that holds some of the sessions, killed.
+        let record = |session: usize| {
+            let hash = blake3::hash(format!("dead-{session}").as_bytes()).to_hex();
+            format!("{}{{{hash}}}", backend.key_prefix())
+        };
+        let on = |node: &RedisServer, session: usize| {
+            node.query(&format!("EXISTS {}", record(session))).unwrap() == b":1\r\n"
+        };
+        let (dead, port) = cluster
+            .nodes()
+            .skip(1)
+            .map(|node| {
+                let held: Vec<usize> = (0..SESSIONS).filter(|&s| on(node, s)).collect();
+                (held, node.port())
+            })
+            .find(|(held, _)| !held.is_empty())
+            .unwrap();
+        cluster.kill_node(port).unwrap();
+        let killed = Instant::now();
+        // Each session of the other primaries is updated again within 10 s.
+        for session in (0..SESSIONS).filter(|session| !dead.contains(session)) {
+            let mut errors = 0;
+            while let Err(error) = update(format!("dead-{session}")).await {
+                errors += 1;
+                if killed.elapsed() >= Duration::from_secs(10) {
+                    // Redis itself serves it: its primary answers a read of its record.
+                    let owner = cluster.nodes().find(|node| on(node, session)).unwrap();
+                    let direct = owner.query(&format!("GET {}", record(session))).unwrap();
+                    panic!(
+                        "dead-{session} not served 10 s after another primary died, though its \
+                         own primary answers a GET of its record ({:?}): {errors} errors, the \
+                         last {error:?}",
+                        String::from_utf8_lossy(direct.split(|&b| b == b'\r').next().unwrap())
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    })
+    .await;
 }

@@ -1,7 +1,10 @@
 //! The backend on a real local Redis Cluster (3 primaries, started by the test on free ports):
 //! the counter app over HTTP with sessions spread over the primaries, busy sessions handed over
-//! between two backends through the shard channels, and a primary failed over (`CLUSTER
-//! FAILOVER` on its replica) under load, with every acknowledged update checked afterwards.
+//! between two backends through the shard channels, and a primary failed over to its replica
+//! under load in four ways (`CLUSTER FAILOVER`, `… FORCE`, `… TAKEOVER` on the replica, SIGKILL of
+//! the primary), each measured (promotion, 503s, lease time-outs and losses, acknowledged updates
+//! lost) and checked for what the mechanism guarantees. Run with `-- --nocapture` to see the
+//! measurements.
 //!
 //! The layer's own route tests run on a cluster too:
 //! `MMAP_SESSION_TEST_REDIS=cluster cargo test -p mmap-session --test layer redis::`.

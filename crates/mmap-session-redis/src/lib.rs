@@ -40,7 +40,9 @@
 //! - A lease is only as good as Redis's clock: the lease TTL runs on the server.
 //! - A Redis Cluster is supported (a `redis-cluster://` URL): each session's keys and channel
 //!   share one hash tag, so its scripts run on one primary. Replication is asynchronous: a
-//!   primary that crashes can take recent writes (and leases) with it. Redis 7 or later is needed
+//!   primary that crashes (or is failed over with `FORCE`/`TAKEOVER`) can take recent writes (and
+//!   leases) with it; a manual `CLUSTER FAILOVER` loses nothing. While a primary is dead, every
+//!   session gets `Unavailable`, also those of the live primaries. Redis 7 or later is needed
 //!   (sharded pub/sub).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

@@ -86,12 +86,26 @@ impl RedisServer {
     /// [`TestServerError`] if `redis-server` or `redis-cli` is missing or the cluster does not
     /// come up.
     pub fn start_cluster(primaries: usize, replicas: usize) -> Result<Self, TestServerError> {
+        Self::start_cluster_with(primaries, replicas, &[])
+    }
+
+    /// [`RedisServer::start_cluster`], every node started with the `redis-server` options `extra`
+    /// as well (`["--cluster-require-full-coverage", "no"]`).
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisServer::start_cluster`].
+    pub fn start_cluster_with(
+        primaries: usize,
+        replicas: usize,
+        extra: &[&str],
+    ) -> Result<Self, TestServerError> {
         let cli = cli_program().ok_or(TestServerError::NoCli)?;
         let count = primaries * (1 + replicas);
         let mut nodes = Vec::with_capacity(count);
         for _ in 0..count {
             let bus = free_port()?.to_string();
-            nodes.push(Self::start_node(&[
+            let mut options = vec![
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -100,7 +114,9 @@ impl RedisServer {
                 "1000",
                 "--cluster-port",
                 &bus,
-            ])?);
+            ];
+            options.extend_from_slice(extra);
+            nodes.push(Self::start_node(&options)?);
         }
         let addresses: Vec<String> = nodes
             .iter()
@@ -294,6 +310,48 @@ impl RedisServer {
         Ok(reply)
     }
 
+    /// Sends one command (inline form) to this node only and returns its one reply, read to its
+    /// end as RESP says (a line, a bulk string or an array of those), without waiting for the
+    /// server to pause as [`RedisServer::raw_node_command`] does: for tests that poll a node
+    /// (`INFO replication`) and time what they see.
+    ///
+    /// # Errors
+    ///
+    /// Any I/O error talking to the node, or a reply that is not RESP (`InvalidData`).
+    pub fn query(&self, command: &str) -> std::io::Result<Vec<u8>> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(format!("{command}\r\n").as_bytes())?;
+        let mut reader = std::io::BufReader::new(stream);
+        let mut reply = Vec::new();
+        read_reply(&mut reader, &mut reply)?;
+        Ok(reply)
+    }
+
+    /// Kills the node of the cluster (this one or another) that listens on `port` with SIGKILL, as
+    /// a crash would, and reaps it. Its directory is kept until `self` is dropped.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound` if no node listens on `port`; any error killing or reaping it.
+    pub fn kill_node(&mut self, port: u16) -> std::io::Result<()> {
+        let node = if self.port == port {
+            Some(self)
+        } else {
+            self.others.iter_mut().find(|node| node.port == port)
+        };
+        let node = node.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no node on port {port}"),
+            )
+        })?;
+        // `Child::kill` sends SIGKILL on Unix.
+        node.child.kill()?;
+        node.child.wait()?;
+        Ok(())
+    }
+
     fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + STARTUP;
         while Instant::now() < deadline {
@@ -338,6 +396,43 @@ pub fn script_sha1(name: &str) -> Option<String> {
     crate::scripts::Scripts::new()
         .named(name)
         .map(|script| script.sha1().to_string())
+}
+
+/// Reads one RESP reply from `reader` into `reply`, as it came.
+fn read_reply(reader: &mut impl std::io::BufRead, reply: &mut Vec<u8>) -> std::io::Result<()> {
+    let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a RESP reply");
+    let start = reply.len();
+    if reader.read_until(b'\n', reply)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let line = reply.get(start..).ok_or_else(invalid)?;
+    let kind = *line.first().ok_or_else(invalid)?;
+    let count = || -> std::io::Result<i64> {
+        std::str::from_utf8(line.get(1..).ok_or_else(invalid)?)
+            .map_err(|_| invalid())?
+            .trim_end()
+            .parse()
+            .map_err(|_| invalid())
+    };
+    match kind {
+        b'+' | b'-' | b':' => Ok(()),
+        b'$' => {
+            let Ok(len) = usize::try_from(count()?) else {
+                return Ok(()); // `$-1`: nil
+            };
+            let mut body = vec![0; len + 2];
+            reader.read_exact(&mut body)?;
+            reply.extend_from_slice(&body);
+            Ok(())
+        }
+        b'*' => {
+            for _ in 0..count()?.max(0) {
+                read_reply(reader, reply)?;
+            }
+            Ok(())
+        }
+        _ => Err(invalid()),
+    }
 }
 
 fn program() -> Option<PathBuf> {

@@ -275,3 +275,52 @@ async fn a_busy_process_does_not_keep_a_session_from_a_request_of_another() {
     })
     .await;
 }
+
+/// Not a check but a measurement (run it with `--ignored --nocapture`): what the scripts of an
+/// uncontended changing request cost Redis, from `INFO commandstats` after 4,000 requests on
+/// distinct sessions (taking the lease, then writing and releasing it): the scripts run
+/// (`EVALSHA`), the Redis CPU time per script, and the calls the scripts make per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; prints the Redis CPU time per script"]
+async fn uncontended_script_cost() {
+    bounded(Duration::from_secs(300), async {
+        let server = RedisServer::start().unwrap();
+        let backend = RedisBackend::connect(&server.url()).await.unwrap();
+        let warm = backend.lease(b"warm-up", soon(1000)).await.unwrap();
+        warm.commit_and_release(b"v", in_an_hour()).await.unwrap();
+        server.raw_command("CONFIG RESETSTAT").unwrap();
+        const REQUESTS: usize = 4_000;
+        let mut tasks = Vec::new();
+        for task in 0..4 {
+            let backend = backend.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in (task..REQUESTS).step_by(4) {
+                    let key = format!("session-{}", i % 1000);
+                    let lease = backend.lease(key.as_bytes(), soon(5_000)).await.unwrap();
+                    lease
+                        .commit_and_release(b"a value", in_an_hour())
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let info = server.raw_command("INFO commandstats").unwrap();
+        let info = String::from_utf8_lossy(&info);
+        let mut inner = 0;
+        for line in info.lines().filter(|line| line.starts_with("cmdstat_")) {
+            println!("{line}");
+            if !line.starts_with("cmdstat_evalsha:") && !line.starts_with("cmdstat_config") {
+                inner += calls(&server, line[8..].split(':').next().unwrap());
+            }
+        }
+        let scripts = calls(&server, "evalsha");
+        println!(
+            "{scripts} scripts for {REQUESTS} requests; {:.2} calls inside the scripts per request",
+            inner as f64 / REQUESTS as f64
+        );
+    })
+    .await;
+}

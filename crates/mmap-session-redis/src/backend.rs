@@ -681,12 +681,17 @@ impl RedisBackend {
             queued = true;
             if !subscribed {
                 // Subscribed to the session's releases, then tried again at once: a release
-                // between the try and the subscription is seen by the new try.
+                // between the try and the subscription is seen by the new try. A subscription
+                // that an earlier request of this process put in place was there all along: no
+                // second try.
                 subscribed = true;
-                if let Some(turn) = &turn {
-                    turn.waiting().subscribe(&keys).await;
+                let in_place = match &turn {
+                    Some(turn) => turn.waiting().subscribe(&keys).await,
+                    None => false,
+                };
+                if !in_place {
+                    continue;
                 }
-                continue;
             }
             let now = Instant::now();
             if now >= deadline {

@@ -54,6 +54,8 @@ struct Entry {
     users: usize,
     /// The channel, once a subscription to it has been asked for.
     subscribed: Option<String>,
+    /// Whether the subscription is known to be in place (its request was answered).
+    confirmed: bool,
     /// The token of the request of this process that queues in Redis (the last one to): a
     /// release message naming another token is not for this process.
     token: Option<String>,
@@ -105,6 +107,7 @@ impl Waiters {
             queue: VecDeque::new(),
             users: 0,
             subscribed: None,
+            confirmed: false,
             token: None,
         });
         entry.users += 1;
@@ -306,8 +309,10 @@ impl Waiting {
 
     /// Subscribes to the session's release channel, once per session while requests of this
     /// process use it; returns when the subscription is in place (or failed: the caller then
-    /// falls back to trying again when the lease expires).
-    pub(crate) async fn subscribe(&self, keys: &SessionKeys) {
+    /// falls back to trying again when the lease expires). `true` if it was in place already
+    /// (asked for and answered before this call), so that no release message since the caller's
+    /// last try can have been missed.
+    pub(crate) async fn subscribe(&self, keys: &SessionKeys) -> bool {
         let done = {
             let mut map = self
                 .waiters
@@ -315,10 +320,14 @@ impl Waiting {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             let Some(entry) = map.get_mut(&self.hash) else {
-                return;
+                return false;
             };
+            if entry.confirmed {
+                return true;
+            }
             if entry.subscribed.is_some() {
-                return;
+                // Asked for by an earlier request that went away before the answer.
+                return false;
             }
             let channel = keys.release_channel();
             entry.subscribed = Some(channel.clone());
@@ -329,11 +338,21 @@ impl Waiting {
                 done: Some(done),
             };
             if self.waiters.subscriptions.send(change).is_err() {
-                return;
+                return false;
             }
             answer
         };
-        let _ = done.await;
+        if let Ok(Ok(())) = done.await {
+            let mut map = self
+                .waiters
+                .by_hash
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(entry) = map.get_mut(&self.hash) {
+                entry.confirmed = true;
+            }
+        }
+        false
     }
 }
 

@@ -102,6 +102,9 @@ async fn a_waiter_is_woken_by_the_release_and_does_not_poll_while_the_holder_ren
         // Default lease TTL (2 s): renewed every 667 ms.
         let holder = RedisBackend::connect(&proxy.url()).await.unwrap();
         let waiter = RedisBackend::connect(&proxy.url()).await.unwrap();
+        // Loads the acquire script (a first EVALSHA is answered NOSCRIPT and sent again).
+        let warm = holder.lease(b"warm-up", soon(1000)).await.unwrap();
+        warm.release().await;
         let tries = proxy.on_script(Fault::Observe, usize::MAX, &script_sha1("acquire").unwrap());
         let renewals = proxy.on_script(Fault::Observe, usize::MAX, &script_sha1("renew").unwrap());
         let held = holder.lease(b"k", soon(1000)).await.unwrap();
@@ -114,8 +117,9 @@ async fn a_waiter_is_woken_by_the_release_and_does_not_poll_while_the_holder_ren
         held.commit_and_release(b"v", in_an_hour()).await.unwrap();
         waiting.await.unwrap();
         // The holder's one acquire; the waiter's: found held, subscribed and found held again,
-        // one more each time the TTL it was told of ran out (at most two in 4 s), and the one
-        // after the release message. Polling every 250 ms would have made about 16.
+        // one more each time the TTL it was told of ran out or, at the latest, 1.9 s after its
+        // last try, to keep its entry in the queue (at most two in 4 s), and the one after the
+        // release message. Polling every 250 ms would have made about 16.
         let waiter_tries = counted(&tries) - 1;
         assert!(
             (3..=5).contains(&waiter_tries),
@@ -320,6 +324,49 @@ async fn uncontended_script_cost() {
         println!(
             "{scripts} scripts for {REQUESTS} requests; {:.2} calls inside the scripts per request",
             inner as f64 / REQUESTS as f64
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_next_waiter_of_a_process_already_subscribed_tries_once_before_the_release() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.port()).await.unwrap();
+        // Default lease TTL (2 s): renewed every 667 ms.
+        let holder = RedisBackend::connect(&proxy.url()).await.unwrap();
+        let waiter = RedisBackend::connect(&proxy.url()).await.unwrap();
+        let held = holder.lease(b"k", soon(1000)).await.unwrap();
+        let tries = proxy.on_script(Fault::Observe, usize::MAX, &script_sha1("acquire").unwrap());
+        let renewals = proxy.on_script(Fault::Observe, usize::MAX, &script_sha1("renew").unwrap());
+        // The first request of the process waits in Redis (found held, subscribed, found held
+        // again) and goes away; the second one, which waited for its turn in the process, takes
+        // its place in Redis with the subscription in place.
+        let first = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move { waiter.lease(b"k", soon(30_000)).await.map(drop) })
+        };
+        tries.completed(2).await;
+        let second = tokio::spawn(async move {
+            let lease = waiter.lease(b"k", soon(30_000)).await.unwrap();
+            lease.release().await;
+        });
+        // Let it run up to its wait for its turn (one thread: spawned tasks run in order).
+        tokio::task::yield_now().await;
+        first.abort();
+        // Found held once: it waits for the message, and tries no more until the holder's next
+        // renewal at least (a second try would come at once).
+        tries.completed(3).await;
+        let renewed = renewals.matched_count();
+        renewals.completed(renewed + 1).await;
+        assert_eq!(counted(&tries), 3);
+        held.release().await;
+        second.await.unwrap();
+        assert_eq!(
+            counted(&tries),
+            4,
+            "2 + 1 tries, then the one after the release"
         );
     })
     .await;

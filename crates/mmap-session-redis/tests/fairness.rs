@@ -299,3 +299,66 @@ async fn a_cancelled_waiter_leaves_the_queue_and_the_next_one_is_served() {
     })
     .await;
 }
+
+/// The counter with a 20 ms handler, which holds the session's lease while it sleeps.
+async fn slow_count(session: mmap_session::Session) -> Result<String, mmap_session::SessionError> {
+    let n: u64 = session.get("n").await?.unwrap_or(0) + 1;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    session.insert("n", n).await?;
+    Ok(n.to_string())
+}
+
+/// Not a check but a measurement (run it with `--ignored --nocapture`): 64 connections send
+/// requests one after the other to one session of a 20 ms handler, for 15 s, spread over three
+/// servers (each with its own backend: its own connections, its own waiters, as three processes
+/// would have) with the layer's default `lease_wait` (5 s); prints how many were answered `503`.
+/// The session serves at most 50 requests a second, so each request waits about 64 × 20 ms; with
+/// waiters served out of order, some wait past the 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: 15 s of load; prints the count of 503s"]
+async fn sixty_four_connections_on_one_session_of_a_20_ms_handler() {
+    bounded(Duration::from_secs(120), async {
+        let server = RedisServer::start().unwrap();
+        let mut ports = Vec::new();
+        for _ in 0..3 {
+            let backend = RedisBackend::connect(&server.url()).await.unwrap();
+            let app = axum::Router::new()
+                .route("/", axum::routing::get(slow_count))
+                .layer(mmap_session::SessionLayer::new(backend));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            ports.push(listener.local_addr().unwrap().port());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+        let first = common::request(ports[0], "/", None).await;
+        let cookie = first.cookie.unwrap();
+        let end = Instant::now() + Duration::from_secs(15);
+        let mut clients = Vec::new();
+        for i in 0..64 {
+            let port = ports[i % 3];
+            let cookie = cookie.clone();
+            clients.push(tokio::spawn(async move {
+                let (mut ok, mut busy, mut slowest) = (0u32, 0u32, Duration::ZERO);
+                while Instant::now() < end {
+                    let sent = Instant::now();
+                    let reply = common::request(port, "/", Some(&cookie)).await;
+                    slowest = slowest.max(sent.elapsed());
+                    match reply.status {
+                        200 => ok += 1,
+                        503 => busy += 1,
+                        other => panic!("status {other}"),
+                    }
+                }
+                (ok, busy, slowest)
+            }));
+        }
+        let (mut ok, mut busy, mut slowest) = (0, 0, Duration::ZERO);
+        for client in clients {
+            let (o, b, s) = client.await.unwrap();
+            ok += o;
+            busy += b;
+            slowest = slowest.max(s);
+        }
+        println!("64 connections, 20 ms handler, 15 s: {ok} answered 200, {busy} answered 503, slowest {slowest:?}");
+    })
+    .await;
+}

@@ -103,7 +103,7 @@ async fn a_waiter_is_woken_by_the_release_and_does_not_poll_while_the_holder_ren
         let holder = RedisBackend::connect(&proxy.url()).await.unwrap();
         let waiter = RedisBackend::connect(&proxy.url()).await.unwrap();
         // Loads the acquire script (a first EVALSHA is answered NOSCRIPT and sent again).
-        let warm = holder.lease(b"warm-up", soon(1000)).await.unwrap();
+        let warm = holder.lease(b"k", soon(1000)).await.unwrap();
         warm.release().await;
         let tries = proxy.on_script(Fault::Observe, usize::MAX, &script_sha1("acquire").unwrap());
         let renewals = proxy.on_script(Fault::Observe, usize::MAX, &script_sha1("renew").unwrap());

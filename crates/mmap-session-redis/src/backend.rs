@@ -32,9 +32,9 @@ const MIN_LEASE_TTL: Duration = Duration::from_millis(3);
 /// The least time an acquire is given, even when the caller's deadline is nearer: a try that
 /// could not possibly answer in time would only fail.
 const MIN_ACQUIRE_BUDGET: Duration = Duration::from_millis(100);
-/// How much longer than the lease TTL the "someone waits" flag lives: a waiter tries again at the
-/// latest when the lease's TTL runs out, and sets the flag again if it is still held.
-const WAITING_FLAG_MARGIN: Duration = Duration::from_secs(1);
+/// How long before its entry in a session's queue lapses a waiter refreshes it, at most: the
+/// entry lives for the lease TTL, and the refresh (a try) must reach Redis before then.
+const REFRESH_MARGIN: Duration = Duration::from_millis(100);
 /// How many hand-overs in a row within one process go on although a request of another process
 /// waits: bounds how long a busy process keeps a session from the others.
 const KEEP_RUN: u32 = 8;
@@ -262,6 +262,7 @@ impl Inner {
         token: &str,
         only_existing: bool,
         budget: Duration,
+        entry_life: Duration,
     ) -> Result<Attempt, RedisError> {
         let generation_life = self
             .lease_timeout
@@ -277,7 +278,7 @@ impl Inner {
                     Value::from(millis(self.lease_ttl)),
                     Value::from(millis(generation_life)),
                     Value::from(if only_existing { "1" } else { "0" }),
-                    Value::from(millis(self.lease_ttl.saturating_add(WAITING_FLAG_MARGIN))),
+                    Value::from(millis(entry_life)),
                 ],
                 budget,
             )
@@ -294,6 +295,9 @@ impl Inner {
             [Value::Integer(3)] => Ok(Attempt::Cancelled),
             [Value::Integer(0), Value::Integer(pttl)] => Ok(Attempt::Held {
                 remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
+            }),
+            [Value::Integer(4), Value::Integer(ms)] => Ok(Attempt::Queued {
+                head_life: Duration::from_millis(u64::try_from(*ms).unwrap_or_default()),
             }),
             [Value::Integer(1), Value::Integer(generation), Value::Integer(overdue), rest @ ..] => {
                 let stored = match rest {
@@ -369,14 +373,25 @@ enum Attempt {
     Absent,
     /// The taking was cancelled (its release ran first); nothing was taken.
     Cancelled,
-    /// Someone else holds it, for `remaining` more (`None`: no expiry on the lease key).
+    /// Someone else holds it, for `remaining` more (`None`: no expiry on the lease key); the
+    /// caller is in the session's queue.
     Held { remaining: Option<Duration> },
+    /// It is free, but a waiter of another process comes first, whose entry in the queue lapses
+    /// in `head_life` unless refreshed; the caller is in the queue behind it.
+    Queued { head_life: Duration },
     /// It is ours now.
     Taken {
         generation: u64,
         overdue: bool,
         stored: Option<Vec<u8>>,
     },
+}
+
+/// How often at most a waiter tries again while it waits, to refresh its entry in the session's
+/// queue (which lives for `lease_ttl`): `lease_ttl` less a quarter of it, or less 100 ms if that
+/// is smaller.
+fn refresh_every(lease_ttl: Duration) -> Duration {
+    lease_ttl.saturating_sub((lease_ttl / 4).min(REFRESH_MARGIN))
 }
 
 /// Milliseconds, rounded up, at least 1 (a TTL of 0 would be refused or expire at once).
@@ -636,32 +651,47 @@ impl RedisBackend {
             return Ok(self.adopt(handover, turn, only_existing));
         }
         let mut turn = Some(turn);
+        // Release messages name the waiter at the head of the session's queue by its token.
+        if let Some(turn) = &turn {
+            turn.waiting().queue_as(&token);
+        }
         let mut subscribed = false;
+        // Armed while a try may be running in Redis or this caller may be in the session's queue:
+        // if this future is dropped, or gives up, the guard's release takes back what the acquire
+        // may have taken and takes the token out of the queue (and leaves the cancel marker, so
+        // that a try still on its way does neither).
+        let mut holding = Holding {
+            inner: Arc::clone(inner),
+            keys: keys.clone(),
+            token: token.clone(),
+            armed: false,
+            confirmed: false,
+            watchdog: None,
+            turn: turn_slot(None),
+        };
+        let mut queued = false;
         loop {
             // Registered before the try, so that a release right after it is not missed.
             let mut released = pin!(notify.notified());
             released.as_mut().enable();
-            // If this future is dropped while the script runs, the guard releases what it may
-            // have taken.
-            let mut holding = Holding {
-                inner: Arc::clone(inner),
-                keys: keys.clone(),
-                token: token.clone(),
-                armed: true,
-                confirmed: false,
-                watchdog: None,
-                turn: turn_slot(None),
-            };
+            holding.armed = true;
             let sent = Instant::now();
             let budget = deadline
                 .saturating_duration_since(sent)
                 .max(MIN_ACQUIRE_BUDGET);
+            // The caller's entry in the queue lives for the lease TTL, or until its deadline if
+            // that is nearer: a waiter that dies or gives up keeps nobody waiting for longer.
+            let entry_life = deadline
+                .saturating_duration_since(sent)
+                .min(inner.lease_ttl);
             let attempt = inner
-                .try_acquire(&keys, &token, only_existing, budget)
+                .try_acquire(&keys, &token, only_existing, budget, entry_life)
                 .await?;
-            let remaining = match attempt {
+            let wait = match attempt {
                 Attempt::Absent => {
-                    holding.armed = false;
+                    // Nothing taken; a caller that queued before leaves the queue (dropping
+                    // the armed guard).
+                    holding.armed = queued;
                     return Ok(None);
                 }
                 Attempt::Cancelled => {
@@ -698,32 +728,42 @@ impl RedisBackend {
                         handovers: 0,
                     }));
                 }
-                Attempt::Held { remaining } => {
-                    holding.armed = false;
-                    remaining
-                }
+                // Queued: until the message, or the held lease's TTL runs out (an expiry
+                // publishes nothing)...
+                Attempt::Held { remaining } => remaining.map_or(FALLBACK_WAIT, |remaining| {
+                    remaining.saturating_add(Duration::from_millis(1))
+                }),
+                // ... or the entry of the waiter ahead lapses (it died or went away).
+                Attempt::Queued { head_life } => head_life.saturating_add(Duration::from_millis(1)),
             };
+            queued = true;
             if !subscribed {
                 // Subscribed to the session's releases, then tried again at once: a release
-                // between the try and the subscription is seen by the new try.
+                // between the try and the subscription is seen by the new try. A subscription
+                // that an earlier request of this process put in place was there all along: no
+                // second try.
                 subscribed = true;
-                if let Some(turn) = &turn {
-                    turn.waiting().subscribe(&keys).await;
+                let in_place = match &turn {
+                    Some(turn) => turn.waiting().subscribe(&keys).await,
+                    None => false,
+                };
+                if !in_place {
+                    continue;
                 }
-                continue;
             }
             let now = Instant::now();
             if now >= deadline {
+                // Out of the queue before the caller hears of it (best effort: the entry lapses
+                // at the deadline anyway).
+                if let Some(task) = holding.start_release() {
+                    let _ = task.await;
+                }
                 return Err(BackendError::LeaseTimeout);
             }
-            // Woken by the release message; trying again when the held lease's TTL runs out (an
-            // expiry publishes nothing, and a message can be lost to a reconnection) is the only
-            // other wake-up: no polling while the holder is alive and renews.
-            let wait = remaining
-                .map_or(FALLBACK_WAIT, |remaining| {
-                    remaining.saturating_add(Duration::from_millis(1))
-                })
-                .min(deadline - now);
+            // Woken by the release message; the other wake-ups are the lapses above, and the
+            // refresh of this caller's own entry in the queue before it lapses: no polling while
+            // the holder is alive and renews.
+            let wait = wait.min(refresh_every(inner.lease_ttl)).min(deadline - now);
             tokio::select! {
                 () = released => {}
                 () = tokio::time::sleep(wait) => {}

@@ -3,7 +3,8 @@
 /// The Redis keys of one session.
 ///
 /// `{prefix}{<hash>}` holds the record, `{prefix}{<hash>}:lease` the busy lease and
-/// `{prefix}{<hash>}:gen` the lease generation counter (and, briefly, `…:cancelled:<token>` the
+/// `{prefix}{<hash>}:gen` the lease generation counter, `{prefix}{<hash>}:queue` the waiters of
+/// other processes in arrival order while there are any (and, briefly, `…:cancelled:<token>` the
 /// marker of a cancelled taking). The braces are a Redis Cluster hash tag:
 /// the keys of one session live in one slot, so one script can touch them together.
 #[derive(Clone, Debug)]
@@ -48,8 +49,8 @@ impl SessionKeys {
 
     /// The keys of a script run for the lease token `token`, in the order the scripts expect
     /// them: the lease, the generation counter, the record, the token's cancel marker
-    /// (`{prefix}{<hash>}:cancelled:<token>`) and the flag saying that someone waits
-    /// (`{prefix}{<hash>}:waiting`), all in the same slot.
+    /// (`{prefix}{<hash>}:cancelled:<token>`) and the queue of waiters (`{prefix}{<hash>}:queue`),
+    /// all in the same slot.
     pub(crate) fn for_token(&self, token: &str) -> Vec<String> {
         let mut marker = String::with_capacity(self.record.len() + 11 + token.len());
         marker.push_str(&self.record);
@@ -60,12 +61,17 @@ impl SessionKeys {
             self.generation.clone(),
             self.record.clone(),
             marker,
-            joined(&self.record, ":waiting"),
+            self.queue(),
         ]
     }
 
-    /// The session's shard channel, on which a release publishes the hash when someone waits
-    /// (in the session's slot, like its keys).
+    /// The session's queue of waiters (see the `scripts` module).
+    pub(crate) fn queue(&self) -> String {
+        joined(&self.record, ":queue")
+    }
+
+    /// The session's shard channel, on which a release publishes `<hash>:<token>` to wake the
+    /// head of the queue (in the session's slot, like its keys).
     pub(crate) fn release_channel(&self) -> String {
         joined(&self.record, ":released")
     }
@@ -94,7 +100,7 @@ mod tests {
                 format!("app:{{{}}}:gen", keys.hash),
                 format!("app:{{{}}}", keys.hash),
                 format!("app:{{{}}}:cancelled:t", keys.hash),
-                format!("app:{{{}}}:waiting", keys.hash),
+                format!("app:{{{}}}:queue", keys.hash),
             ]
         );
         assert_eq!(

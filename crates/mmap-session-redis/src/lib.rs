@@ -15,7 +15,10 @@
 //! - `{prefix}{<hash>}:lease`: the busy lease, taken only where absent, with a short TTL (the
 //!   lease TTL, 2 s by default) that its live holder renews while the request runs, holding the
 //!   holder's random token and the lease's fencing generation;
-//! - `{prefix}{<hash>}:gen`: the generation counter, which outlives every lease it numbered.
+//! - `{prefix}{<hash>}:gen`: the generation counter, which outlives every lease it numbered;
+//! - `{prefix}{<hash>}:queue`: while anyone waits, the waiters of each process in arrival order
+//!   (a hash of their tokens to their arrival and expiry), each entry lapsing a lease TTL after
+//!   its waiter last refreshed it.
 //!
 //! Taking, committing under, removing under and releasing a lease are Lua scripts, each atomic on
 //! the server; commit, remove and release check the holder's token first, so a holder whose lease
@@ -23,9 +26,11 @@
 //! ([`BackendError::LeaseLost`](mmap_session::BackendError::LeaseLost)). A changing request ends
 //! with one script that writes and releases (two round trips per changing request, with the
 //! acquire). The requests of one process take turns per session in arrival order; the one whose
-//! turn it is and who finds the lease held flags the session as waited for (`…:waiting`) and
-//! subscribes to its shard channel (`…:released`); a release publishes there (`SPUBLISH`) only
-//! when the flag is set. Trying again when the held lease's TTL runs out is the only fallback.
+//! turn it is and who finds the lease held joins the session's queue (`…:queue`) and subscribes
+//! to its shard channel (`…:released`). A free lease goes to the head of the queue (a newcomer
+//! queues behind), and a release publishes there (`SPUBLISH`) the head's token, only when
+//! someone is queued. Trying again when the held lease's TTL (or the entry of the waiter ahead)
+//! runs out, and once per lease TTL to keep the waiter's own entry alive, is the only fallback.
 //!
 //! # Limits
 //!

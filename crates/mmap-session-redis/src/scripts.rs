@@ -2,9 +2,24 @@
 //!
 //! Every script gets the session's keys in the order of [`SessionKeys::for_token`]: `KEYS[1]` the
 //! lease, `KEYS[2]` the generation counter, `KEYS[3]` the record, `KEYS[4]` the cancel marker of
-//! the caller's token, `KEYS[5]` the flag saying that someone waits for the lease (set by an
-//! acquire that finds it held; a release publishes only when it is set, and clears it). A lease's value is `<token>:<generation>`, the token being 128 random bits
-//! drawn for one taking of the lease.
+//! the caller's token, `KEYS[5]` the session's queue of waiters. A lease's value is
+//! `<token>:<generation>`, the token being 128 random bits drawn for one taking of the lease.
+//!
+//! # The queue of waiters
+//!
+//! `KEYS[5]` is a hash from the token of each waiter (at most one per process and session: the
+//! requests of one process take turns before they talk to Redis) to `<arrival>:<expiry>`, both in
+//! microseconds of the server's clock (`TIME`). An acquire that finds the lease held puts its
+//! token there, keeping its arrival if it is already there and has not lapsed, and sets the
+//! entry's expiry to now plus `ARGV[5]` (the caller's lease TTL, or less when its deadline is
+//! nearer); the waiter refreshes it at each try, so a waiter that died or went away without
+//! leaving lapses within the lease TTL. The hash itself lives for the lease TTL after its last
+//! write. The head is the live entry of the earliest arrival; lapsed entries are deleted whenever
+//! the head is looked for. An acquire that finds the lease free takes it only when the queue is
+//! empty or the caller is its head (and leaves the queue as it takes the lease); anyone else
+//! queues behind the head and is told how long the head's entry lives. A release that finds the
+//! queue publishes `<hash>:<head's token>` on the session's shard channel, which wakes the head's
+//! process only; with nobody queued it publishes nothing.
 //!
 //! # Idempotent per token
 //!
@@ -13,10 +28,12 @@
 //! script therefore gives the same answer when run again with the same token:
 //!
 //! - acquire, finding the lease already held by its own token, answers "taken" (with the same
-//!   generation and record) instead of "held";
+//!   generation and record) instead of "held"; run again while the caller waits, it refreshes the
+//!   caller's entry in the queue, which keeps its place;
 //! - a release from a taking that was cancelled or failed (the caller never learned whether the
-//!   acquire ran) leaves a cancel marker for the token, and an acquire that finds its token's
-//!   marker takes nothing: an acquire delayed past its own release leaves no lease behind;
+//!   acquire ran), or from a waiter that gives up, leaves a cancel marker for the token and takes
+//!   the token out of the queue, and an acquire that finds its token's marker takes nothing and
+//!   queues nothing: an acquire delayed past its own release leaves no lease and no waiter behind;
 //! - commit, remove, renew and release check that the lease holds the caller's token (compare and
 //!   set, compare and delete), so a late copy writes nothing once the lease has moved on; commit
 //!   writes the same bytes again, remove deletes again, release of a lease no longer held is a
@@ -27,18 +44,85 @@
 
 use fred::types::scripts::Script;
 
-/// Takes the lease if it is free (or already the caller's).
+/// Lua functions on the queue of waiters (`KEYS[5]`), put in front of the scripts that use them:
+///
+/// - `clock()`: the server's time in microseconds;
+/// - `head(now)`: deletes the lapsed entries and returns the head's token and expiry (nil when
+///   nobody waits), and the live entries by token;
+/// - `enqueue(now, token, previous, life, ttl)`: puts `token` in the queue or refreshes its entry
+///   (`previous`: its current value, if any) for `life` ms, and keeps the hash for `ttl` ms;
+/// - `wake(now, channel, hash)`: publishes `<hash>:<head's token>` on `channel` if someone
+///   waits.
+macro_rules! queue_functions {
+    () => {
+        r"
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function head(now)
+  local all = redis.call('HGETALL', KEYS[5])
+  local live, lapsed = {}, {}
+  local first, first_arrival, first_expiry
+  for i = 1, #all, 2 do
+    local arrival, expiry = string.match(all[i + 1], '^(%d+):(%d+)$')
+    arrival, expiry = tonumber(arrival), tonumber(expiry)
+    if arrival and expiry and expiry > now then
+      live[all[i]] = all[i + 1]
+      if not first or arrival < first_arrival or (arrival == first_arrival and all[i] < first) then
+        first, first_arrival, first_expiry = all[i], arrival, expiry
+      end
+    else
+      lapsed[#lapsed + 1] = all[i]
+    end
+  end
+  if #lapsed > 0 then
+    redis.call('HDEL', KEYS[5], unpack(lapsed))
+  end
+  return first, first_expiry, live
+end
+local function enqueue(now, token, previous, life, ttl)
+  local arrival = now
+  if previous then
+    local since, expiry = string.match(previous, '^(%d+):(%d+)$')
+    if since and expiry and tonumber(expiry) > now then
+      arrival = tonumber(since)
+    end
+  end
+  local expiry = now + tonumber(life) * 1000
+  redis.call('HSET', KEYS[5], token, string.format('%.0f:%.0f', arrival, expiry))
+  redis.call('PEXPIRE', KEYS[5], ttl)
+end
+local function wake(now, channel, hash)
+  local first = head(now)
+  if first then
+    redis.call('SPUBLISH', channel, hash .. ':' .. first)
+  end
+end
+"
+    };
+}
+
+/// Takes the lease if it is free and nobody else comes first in the queue (or if it is already
+/// the caller's); otherwise puts the caller in the queue (or refreshes its entry).
 ///
 /// `ARGV`: token, lease TTL (ms), life of the generation counter (ms), `1` to take it only if the
-/// record exists (`0` otherwise), life of the "someone waits" flag (ms).
+/// record exists (`0` otherwise), life of the caller's entry in the queue (ms, at most the lease
+/// TTL).
 ///
-/// Returns `{3}` when the caller's taking was cancelled before this ran (nothing is taken), `{2}`
-/// when the record was asked to exist and does not (nothing is taken), `{0, pttl}` when someone
-/// else holds the lease (`pttl`: its remaining time in ms, `-1` if it has no expiry), or
+/// Returns `{3}` when the caller's taking was cancelled before this ran (nothing is taken or
+/// queued), `{2}` when the record was asked to exist and does not (nothing is taken), `{0, pttl}`
+/// when someone else holds the lease (`pttl`: its remaining time in ms, `-1` if it has no expiry;
+/// the caller is queued), `{4, ms}` when the lease is free but another waiter comes first (the
+/// caller is queued; `ms`: how long the head's entry lives unless refreshed), or
 /// `{1, generation, overdue, record}` when it is the caller's: `overdue` is 1 when the previous
 /// lease was never released (its holder died or stalled and the lease expired), `record` the
 /// stored record or nil, read in the same step so that loading it costs no second round trip.
-const ACQUIRE: &str = r"
+///
+/// With the lease free and nobody queued, the queue costs one call (`EXISTS`).
+const ACQUIRE: &str = concat!(
+    queue_functions!(),
+    r"
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return {3}
 end
@@ -49,11 +133,22 @@ if held then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {1, tonumber(string.sub(held, string.len(mine) + 1)), 0, redis.call('GET', KEYS[3])}
   end
-  redis.call('SET', KEYS[5], '1', 'PX', ARGV[5])
+  enqueue(clock(), ARGV[1], redis.call('HGET', KEYS[5], ARGV[1]), ARGV[5], ARGV[2])
   return {0, redis.call('PTTL', KEYS[1])}
 end
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
   return {2}
+end
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  local now = clock()
+  local first, expiry, live = head(now)
+  if first and first ~= ARGV[1] then
+    enqueue(now, ARGV[1], live[ARGV[1]], ARGV[5], ARGV[2])
+    return {4, math.ceil((expiry - now) / 1000)}
+  end
+  if first then
+    redis.call('HDEL', KEYS[5], ARGV[1])
+  end
 end
 local generation = redis.call('HINCRBY', KEYS[2], 'n', 1)
 local released = tonumber(redis.call('HGET', KEYS[2], 'released') or '0')
@@ -64,7 +159,8 @@ if released ~= generation - 1 then
   overdue = 1
 end
 return {1, generation, overdue, redis.call('GET', KEYS[3])}
-";
+"
+);
 
 /// A script that first checks that the lease holds the caller's token (`ARGV[1]`), returning 0 if
 /// not, and then runs `body` with the lease's value in `held`.
@@ -113,8 +209,9 @@ return 1
 );
 
 /// Every release: deletes the lease held in `held` by the token `ARGV[1]`, notes its generation
-/// and token as the last released, and, if someone waits, clears the flag and publishes the
-/// session's hash on its shard channel (`ARGV[4]`: channel, `ARGV[5]`: hash).
+/// and token as the last released, and, if someone waits, publishes `<hash>:<head's token>` on
+/// the session's shard channel (`ARGV[4]`: channel, `ARGV[5]`: hash). With nobody queued, the
+/// queue costs one call (`EXISTS`). Needs `queue_functions!`.
 macro_rules! release_held {
     () => {
         r"
@@ -122,23 +219,32 @@ redis.call('DEL', KEYS[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HSET', KEYS[2], 'released', string.sub(held, string.len(ARGV[1]) + 2), 'by', ARGV[1])
 end
-if redis.call('DEL', KEYS[5]) == 1 then
-  redis.call('SPUBLISH', ARGV[4], ARGV[5])
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  wake(clock(), ARGV[4], ARGV[5])
 end
 "
     };
 }
 
 /// Gives the lease back if the caller still holds it (see `release_held!`). With `ARGV[2] == '1'`
-/// (a taking that was cancelled or failed), first leaves the cancel marker of the token for
-/// `ARGV[3]` ms, so that the acquire, if it has not run yet, takes nothing when it does.
+/// (a taking that was cancelled or failed, or a waiter that gives up), first leaves the cancel
+/// marker of the token for `ARGV[3]` ms, so that the acquire, if it has not run yet, takes and
+/// queues nothing when it does, and takes the token out of the queue; if it was there and the
+/// lease is free, the next waiter may now be the head: it is woken.
 ///
 /// `ARGV`: the holder's token, the cancel flag, the marker's life (ms), the session's channel, the
 /// session's hash. Returns 1 if released, 0 if the lease was not the caller's (any more).
 const RELEASE: &str = concat!(
+    queue_functions!(),
     r"
 if ARGV[2] == '1' then
   redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
+  if redis.call('HDEL', KEYS[5], ARGV[1]) == 1 then
+    if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[5]) == 1 then
+      wake(clock(), ARGV[4], ARGV[5])
+    end
+    return 0
+  end
 end
 local held = redis.call('GET', KEYS[1])
 if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then
@@ -156,6 +262,7 @@ end",
 /// `ARGV`: the holder's token, the write flag, unused, the session's channel, the session's hash,
 /// the record, its TTL. Returns 1 if done, 0 if the lease was lost (nothing written).
 const COMMIT_RELEASE: &str = concat!(
+    queue_functions!(),
     r"
 local held = redis.call('GET', KEYS[1])
 if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then
@@ -185,6 +292,7 @@ end",
 /// lease TTL, `1` to keep it even if someone waits. Returns 1 if written and kept, 2 if written
 /// and released, 0 if the lease was lost (nothing written).
 const COMMIT_KEEP: &str = concat!(
+    queue_functions!(),
     r"
 local held = redis.call('GET', KEYS[1])
 if not held or string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ':' then

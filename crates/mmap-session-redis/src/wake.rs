@@ -1,6 +1,7 @@
 //! Waiting for a session's lease: the requests of this process take turns per session (one of
-//! them at a time deals with Redis), and the one whose turn it is waits for a message on the
-//! session's own shard channel (`SSUBSCRIBE`), which a release publishes only when someone waits.
+//! them at a time deals with Redis), and the one whose turn it is queues in Redis behind the
+//! waiters of other processes and waits for a message on the session's own shard channel
+//! (`SSUBSCRIBE`), which a release publishes only when someone is queued, naming the head.
 //!
 //! - **Turns in arrival order.** Each session that requests of this process use has an entry
 //!   with a queue (first in, first out): a request takes its turn before it tries the lease in
@@ -8,13 +9,18 @@
 //!   session talks to Redis, and newcomers of this process never overtake earlier ones. When the
 //!   holder finishes with the next request already in line, it hands the lease over (see
 //!   [`Handover`]): its commit keeps the lease, and the next one goes on without an acquire.
-//! - **Per-session channels.** The request whose turn it is and who finds the lease held
-//!   subscribes to the session's channel (`{prefix}{<hash>}:released`, in the session's slot) and
-//!   tries again; a release that finds the session's "someone waits" flag publishes the hash on
-//!   that channel with `SPUBLISH`. The subscription ends when no request of this process uses the
+//! - **A queue across processes, per-session channels.** The request whose turn it is and who
+//!   finds the lease held (or free, but another process's waiter first in the session's queue in
+//!   Redis) is put in that queue by the acquire script, subscribes to the session's channel
+//!   (`{prefix}{<hash>}:released`, in the session's slot) and tries again; a release that finds
+//!   the queue publishes `<hash>:<token>` on that channel with `SPUBLISH`, `<token>` being the
+//!   head's. Every process subscribed to the session receives it, and only the one whose waiter
+//!   holds that token wakes it. The subscription ends when no request of this process uses the
 //!   session any more. Subscribing and unsubscribing go through one task, in order.
-//! - **Fallback.** A message lost to a reconnection is made up for by trying again when the
-//!   held lease's TTL runs out, and at most every 250 ms.
+//! - **Fallback.** A message lost to a reconnection is made up for by waking every waiter of
+//!   this process then, and by trying again when the held lease's TTL, or the queue entry of the
+//!   waiter ahead, runs out; a waiter tries at least once per lease TTL anyway, to keep its own
+//!   entry in the queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -48,6 +54,11 @@ struct Entry {
     users: usize,
     /// The channel, once a subscription to it has been asked for.
     subscribed: Option<String>,
+    /// Whether the subscription is known to be in place (its request was answered).
+    confirmed: bool,
+    /// The token of the request of this process that queues in Redis (the last one to): a
+    /// release message naming another token is not for this process.
+    token: Option<String>,
 }
 
 /// One change to the subscriptions, with where to say that it is done.
@@ -96,6 +107,8 @@ impl Waiters {
             queue: VecDeque::new(),
             users: 0,
             subscribed: None,
+            confirmed: false,
+            token: None,
         });
         entry.users += 1;
         Waiting {
@@ -138,11 +151,14 @@ impl Waiters {
         }
     }
 
-    /// Wakes the request of this process whose turn it is for `hash`, if it waits.
-    pub(crate) fn wake(&self, hash: &str) {
+    /// Wakes the request of this process whose turn it is for `hash`, if it waits (and, when
+    /// `token` is given, if it is the one that queues with that token).
+    pub(crate) fn wake(&self, hash: &str, token: Option<&str>) {
         let map = self.by_hash.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = map.get(hash) {
-            entry.notify.notify_one();
+            if token.is_none() || token == entry.token.as_deref() {
+                entry.notify.notify_one();
+            }
         }
     }
 
@@ -278,10 +294,25 @@ impl Waiting {
         }
     }
 
+    /// Notes `token` as the one this process queues with for the session: release messages for
+    /// it wake this request.
+    pub(crate) fn queue_as(&self, token: &str) {
+        let mut map = self
+            .waiters
+            .by_hash
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = map.get_mut(&self.hash) {
+            entry.token = Some(token.to_owned());
+        }
+    }
+
     /// Subscribes to the session's release channel, once per session while requests of this
     /// process use it; returns when the subscription is in place (or failed: the caller then
-    /// falls back to trying again when the lease expires).
-    pub(crate) async fn subscribe(&self, keys: &SessionKeys) {
+    /// falls back to trying again when the lease expires). `true` if it was in place already
+    /// (asked for and answered before this call), so that no release message since the caller's
+    /// last try can have been missed.
+    pub(crate) async fn subscribe(&self, keys: &SessionKeys) -> bool {
         let done = {
             let mut map = self
                 .waiters
@@ -289,10 +320,14 @@ impl Waiting {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             let Some(entry) = map.get_mut(&self.hash) else {
-                return;
+                return false;
             };
+            if entry.confirmed {
+                return true;
+            }
             if entry.subscribed.is_some() {
-                return;
+                // Asked for by an earlier request that went away before the answer.
+                return false;
             }
             let channel = keys.release_channel();
             entry.subscribed = Some(channel.clone());
@@ -303,11 +338,21 @@ impl Waiting {
                 done: Some(done),
             };
             if self.waiters.subscriptions.send(change).is_err() {
-                return;
+                return false;
             }
             answer
         };
-        let _ = done.await;
+        if let Ok(Ok(())) = done.await {
+            let mut map = self
+                .waiters
+                .by_hash
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(entry) = map.get_mut(&self.hash) {
+                entry.confirmed = true;
+            }
+        }
+        false
     }
 }
 
@@ -349,10 +394,15 @@ pub(crate) fn dispatch(
             tokio::select! {
                 message = messages.recv() => match message {
                     Ok(Message { value, .. }) => {
-                        // The message is the session's hash (hex), as text or bytes.
-                        let hash = value.as_bytes().and_then(|b| std::str::from_utf8(b).ok());
-                        if let Some(hash) = hash {
-                            waiters.wake(hash);
+                        // The message is `<hash>:<token>` (hash and token in hex), as text or
+                        // bytes: the session, and the waiter at the head of its queue. A message
+                        // of the hash alone wakes whoever waits here.
+                        let text = value.as_bytes().and_then(|b| std::str::from_utf8(b).ok());
+                        if let Some(text) = text {
+                            match text.split_once(':') {
+                                Some((hash, token)) => waiters.wake(hash, Some(token)),
+                                None => waiters.wake(text, None),
+                            }
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {

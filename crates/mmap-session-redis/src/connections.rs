@@ -6,6 +6,12 @@
 //! events say whether its connection is up, a command goes only to a client that is up, and one
 //! that waits on a client whose connection breaks is given up at once (and sent again on another,
 //! the scripts being idempotent per lease token).
+//!
+//! On a Redis Cluster this is too coarse, and cannot be made finer here (a known bug): one node's
+//! error marks a client down for every node, and fred 10 itself sends no command on a clustered
+//! client while any primary that `CLUSTER SLOTS` names refuses its reconnection (it reconnects to
+//! every primary at once, errors naming no server). Serving the live primaries' slots meanwhile
+//! needs connections of the backend's own per primary.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

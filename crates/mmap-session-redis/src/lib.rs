@@ -42,8 +42,9 @@
 //!   share one hash tag, so its scripts run on one primary. Replication is asynchronous: a
 //!   primary that crashes (or is failed over with `FORCE`/`TAKEOVER`) can take recent writes (and
 //!   leases) with it; a manual `CLUSTER FAILOVER` loses nothing. While a primary is dead, every
-//!   session gets `Unavailable`, also those of the live primaries. Redis 7 or later is needed
-//!   (sharded pub/sub).
+//!   session gets `Unavailable`, also those of the live primaries (a known bug: the client
+//!   library, fred 10, sends no command on a clustered connection while one primary refuses its
+//!   reconnection). Redis 7 or later is needed (sharded pub/sub).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -158,13 +158,11 @@ impl RedisBackend {
             // reconnection: with no connection up they fail at once (`NotConnected`).
             .set_policy(ReconnectPolicy::new_exponential(0, 10, 1_000, 2));
         let connect = |source| RedisError::Connect { source };
-        let pool = builder.build_pool(config.pool_size).map_err(connect)?;
         let subscriber = builder.build_subscriber_client().map_err(connect)?;
-
-        let mut tasks = Vec::new();
-        tasks.push(pool.init().await.map_err(connect)?.abort_handle());
-        let (connections, trackers) = Connections::new(pool, config.command_timeout);
-        tasks.extend(trackers);
+        let (connections, mut tasks) =
+            Connections::connect(&builder, config.pool_size, config.command_timeout)
+                .await
+                .map_err(connect)?;
         tasks.push(subscriber.init().await.map_err(connect)?.abort_handle());
         tasks.push(subscriber.manage_subscriptions().abort_handle());
         let (waiters, subscriptions) = Waiters::new(subscriber.clone());

@@ -46,9 +46,11 @@
 //! - A Redis Cluster is supported (a `redis-cluster://` URL): each session's keys and channel
 //!   share one hash tag, so its scripts run on one primary. Replication is asynchronous: a
 //!   primary that crashes (or is failed over with `FORCE`/`TAKEOVER`) can take recent writes (and
-//!   leases) with it; a manual `CLUSTER FAILOVER` loses nothing. While a primary is dead, every
-//!   session gets `Unavailable`, also those of the live primaries. Redis 7 or later is needed
-//!   (sharded pub/sub).
+//!   leases) with it; a manual `CLUSTER FAILOVER` loses nothing. While a primary is dead, its
+//!   sessions get `Unavailable` until its replica is promoted; those of the live primaries are
+//!   served (the backend keeps a pool per primary), except while Redis itself refuses every slot
+//!   (`CLUSTERDOWN`, with the default `cluster-require-full-coverage yes`, from when it marks the
+//!   node failed until the promotion). Redis 7 or later is needed (sharded pub/sub).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -578,8 +578,6 @@ async fn a_primary_killed_under_load_loses_at_most_what_was_not_replicated() {
 /// slots; with the default (`yes`), it too refuses every key from when the dead node is marked
 /// failed (after the node time-out) until a replica takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: an error on one node's connection marks the pooled client down for every \
-            node (src/connections.rs), so every session gets 503 while one primary is dead"]
 async fn a_dead_primary_leaves_the_sessions_of_the_other_primaries_served() {
     bounded(LIMIT, async {
         let mut cluster =
@@ -619,6 +617,8 @@ async fn a_dead_primary_leaves_the_sessions_of_the_other_primaries_served() {
         cluster.kill_node(port).unwrap();
         let killed = Instant::now();
         // Each session of the other primaries is updated again within 10 s.
+        let mut slowest = Duration::ZERO;
+        let mut failed = 0;
         for session in (0..SESSIONS).filter(|session| !dead.contains(session)) {
             let mut errors = 0;
             while let Err(error) = update(format!("dead-{session}")).await {
@@ -636,7 +636,15 @@ async fn a_dead_primary_leaves_the_sessions_of_the_other_primaries_served() {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            failed += errors;
+            slowest = slowest.max(killed.elapsed());
         }
+        println!(
+            "{} of {SESSIONS} sessions on the killed primary; the other {} each updated within \
+             {slowest:.2?} of the SIGKILL (one after the other), {failed} failed tries",
+            dead.len(),
+            SESSIONS - dead.len()
+        );
     })
     .await;
 }

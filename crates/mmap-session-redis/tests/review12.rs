@@ -1,0 +1,304 @@
+//! Attacks on the insert script, the lease watchdog's queue and the queue of waiters, through a
+//! fault proxy in front of a real redis-server: each test states the promise it tries to break.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{bounded, in_an_hour, request, serve, soon};
+use mmap_session::{BackendLease as _, SessionBackend as _};
+use mmap_session_redis::fault_proxy::{Fault, FaultProxy};
+use mmap_session_redis::test_server::{script_sha1, RedisServer};
+use mmap_session_redis::{RedisBackend, RedisConfig};
+
+/// How long any one test of this file may take.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The default key prefix of the backend.
+const PREFIX: &str = "mmap-session:";
+
+/// The Redis name of the lease of the layer's key `key` (default prefix).
+fn lease_key(key: &[u8]) -> Vec<u8> {
+    format!("{PREFIX}{{{}}}:lease", blake3::hash(key).to_hex()).into_bytes()
+}
+
+/// A rule matcher: `EVALSHA` of the script `name` whose first key is the lease of `key`.
+fn script_on(name: &str, key: &[u8]) -> impl Fn(&[Vec<u8>]) -> bool + Send + Sync + 'static {
+    let sha = script_sha1(name).unwrap().into_bytes();
+    let lease = lease_key(key);
+    move |command: &[Vec<u8>]| {
+        matches!(command, [evalsha, s, _, first, ..]
+            if evalsha.eq_ignore_ascii_case(b"EVALSHA")
+                && s.eq_ignore_ascii_case(&sha)
+                && *first == lease)
+    }
+}
+
+/// Loads the insert script into the server (an unknown script's first `EVALSHA` answers
+/// `NOSCRIPT` without running), so that the rules below act on runs of the script.
+async fn warm_up(backend: &RedisBackend) {
+    assert!(backend
+        .insert_new(b"warm-up", b"x", in_an_hour(), soon(5_000))
+        .await
+        .unwrap());
+}
+
+/// An insert whose reply is lost is sent again (the connection broke under it): the replay must
+/// answer "written", and the record must be the inserted bytes.
+#[tokio::test]
+async fn an_insert_whose_reply_is_lost_is_written_once_and_answers_written() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.port()).await.unwrap();
+        let backend = RedisBackend::connect(&proxy.url()).await.unwrap();
+        warm_up(&backend).await;
+        let dropped = proxy.add_rule(Fault::DropReply, 1, script_on("insert", b"new"));
+        let inserted = backend
+            .insert_new(b"new", b"first", in_an_hour(), soon(5_000))
+            .await
+            .unwrap();
+        dropped.completed(1).await;
+        assert!(
+            inserted,
+            "the replay of an insert that ran answered 'in use'"
+        );
+        let record = backend.get_unleased(b"new").await.unwrap().unwrap();
+        assert_eq!(record.value, b"first");
+    })
+    .await;
+}
+
+/// An insert that ran, whose reply was lost, and whose replay is held back while a later request
+/// takes the lease, writes and releases: the replay must not overwrite the later write.
+#[tokio::test]
+async fn a_replayed_insert_does_not_overwrite_a_later_write() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.port()).await.unwrap();
+        let backend = RedisBackend::connect(&proxy.url()).await.unwrap();
+        warm_up(&backend).await;
+        let direct = RedisBackend::connect(&server.url()).await.unwrap();
+        let dropped = proxy.add_rule(Fault::DropReply, 1, script_on("insert", b"new"));
+        let replay = proxy.add_rule(Fault::Hold, 1, script_on("insert", b"new"));
+        let insert = tokio::spawn({
+            let backend = backend.clone();
+            async move {
+                backend
+                    .insert_new(b"new", b"first", in_an_hour(), soon(5_000))
+                    .await
+            }
+        });
+        dropped.completed(1).await;
+        replay.matched(1).await;
+        // The first run wrote: a later request finds the record and changes it.
+        let mut lease = direct
+            .lease_existing(b"new", soon(2_000))
+            .await
+            .unwrap()
+            .expect("the first run of the insert wrote nothing");
+        assert_eq!(lease.load().await.unwrap().unwrap().value, b"first");
+        lease
+            .commit_and_release(b"later", in_an_hour())
+            .await
+            .unwrap();
+        replay.open();
+        let answer = insert.await.unwrap();
+        println!("the replayed insert answered {answer:?}");
+        let record = direct.get_unleased(b"new").await.unwrap().unwrap();
+        assert_eq!(
+            record.value, b"later",
+            "the replayed insert overwrote a later write"
+        );
+    })
+    .await;
+}
+
+/// The same, but the later request removes the session (a logout): the replay must not bring the
+/// removed session back.
+#[tokio::test]
+#[ignore = "open: an insert replayed after a later request removed the record writes it again \
+            (the removed session comes back); reachable only when the key is known before \
+            insert_new returns"]
+async fn a_replayed_insert_does_not_bring_back_a_removed_session() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.port()).await.unwrap();
+        let backend = RedisBackend::connect(&proxy.url()).await.unwrap();
+        warm_up(&backend).await;
+        let direct = RedisBackend::connect(&server.url()).await.unwrap();
+        let dropped = proxy.add_rule(Fault::DropReply, 1, script_on("insert", b"new"));
+        let replay = proxy.add_rule(Fault::Hold, 1, script_on("insert", b"new"));
+        let insert = tokio::spawn({
+            let backend = backend.clone();
+            async move {
+                backend
+                    .insert_new(b"new", b"first", in_an_hour(), soon(5_000))
+                    .await
+            }
+        });
+        dropped.completed(1).await;
+        replay.matched(1).await;
+        let lease = direct
+            .lease_existing(b"new", soon(2_000))
+            .await
+            .unwrap()
+            .expect("the first run of the insert wrote nothing");
+        lease.remove_and_release().await.unwrap();
+        assert!(!direct.exists(b"new").await.unwrap());
+        replay.open();
+        let answer = insert.await.unwrap();
+        println!("the replayed insert answered {answer:?}");
+        assert!(
+            !direct.exists(b"new").await.unwrap(),
+            "the replayed insert brought a removed session back"
+        );
+    })
+    .await;
+}
+
+/// An insert held back (not run yet) while another caller takes the lease of the key: it must
+/// write nothing and answer "in use", and the holder's commit must stand.
+#[tokio::test]
+async fn an_insert_that_runs_while_the_key_is_leased_writes_nothing() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.port()).await.unwrap();
+        let backend = RedisBackend::connect(&proxy.url()).await.unwrap();
+        warm_up(&backend).await;
+        let direct = RedisBackend::connect(&server.url()).await.unwrap();
+        let held = proxy.add_rule(Fault::Hold, 1, script_on("insert", b"new"));
+        let insert = tokio::spawn({
+            let backend = backend.clone();
+            async move {
+                backend
+                    .insert_new(b"new", b"insert", in_an_hour(), soon(5_000))
+                    .await
+            }
+        });
+        held.matched(1).await;
+        let mut lease = direct.lease(b"new", soon(2_000)).await.unwrap();
+        assert!(lease.load().await.unwrap().is_none());
+        held.open();
+        assert!(!insert.await.unwrap().unwrap(), "insert answered written");
+        assert!(direct.get_unleased(b"new").await.unwrap().is_none());
+        lease.commit(b"holder", in_an_hour()).await.unwrap();
+        lease.release().await;
+        let record = direct.get_unleased(b"new").await.unwrap().unwrap();
+        assert_eq!(record.value, b"holder");
+    })
+    .await;
+}
+
+/// New sessions over HTTP, many at once: each gets its own cookie, and each counts from 1.
+#[tokio::test]
+async fn many_new_sessions_at_once_over_http_are_each_their_own() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let backend = RedisBackend::connect(&server.url()).await.unwrap();
+        let port = serve(backend, Duration::from_secs(5)).await;
+        let firsts: Vec<_> = (0..32)
+            .map(|_| tokio::spawn(request(port, "/", None)))
+            .collect();
+        let mut cookies = std::collections::HashSet::new();
+        for first in firsts {
+            let reply = first.await.unwrap();
+            assert_eq!((reply.status, reply.body.as_str()), (200, "1"));
+            assert!(cookies.insert(reply.cookie.unwrap()), "a cookie came twice");
+        }
+        for cookie in &cookies {
+            let reply = request(port, "/", Some(cookie)).await;
+            assert_eq!((reply.status, reply.body.as_str()), (200, "2"));
+        }
+    })
+    .await;
+}
+
+/// Whether the lease of `key` is held on `server` (asked directly, not through the proxy).
+fn lease_held(server: &RedisServer, key: &[u8]) -> bool {
+    let name = String::from_utf8(lease_key(key)).unwrap();
+    server.query(&format!("EXISTS {name}")).unwrap() == b":1\r\n"
+}
+
+/// One lease's renewal held back by the proxy (its connection stalls) must not cost other leases
+/// of the same backend theirs: each of them is still held after three lease TTLs.
+#[tokio::test]
+#[ignore = "open: renewals go round robin onto the stalled connection too, and a renewal that \
+            times out (its budget is a third of the TTL) is tried again a third of the TTL \
+            later, when its lease has lapsed: most of the other leases are lost"]
+async fn a_stalled_renewal_of_one_lease_does_not_lose_the_others() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.port()).await.unwrap();
+        let ttl = Duration::from_millis(600);
+        let backend = RedisConfig::new(proxy.url())
+            .lease_ttl(ttl)
+            .lease_timeout(Duration::from_secs(20))
+            .connect()
+            .await
+            .unwrap();
+        let stalled = proxy.add_rule(Fault::Hold, 1, script_on("renew", b"slow"));
+        let slow = backend.lease(b"slow", soon(2_000)).await.unwrap();
+        let mut others = Vec::new();
+        for n in 0..8 {
+            let key = format!("other{n}").into_bytes();
+            others.push((backend.lease(&key, soon(2_000)).await.unwrap(), key));
+        }
+        stalled.matched(1).await;
+        // The subject of the test is time passing while the watchdog works: three lease TTLs.
+        tokio::time::sleep(ttl * 3).await;
+        let lost: Vec<String> = others
+            .iter()
+            .filter(|(_, key)| !lease_held(&server, key))
+            .map(|(_, key)| String::from_utf8(key.clone()).unwrap())
+            .collect();
+        stalled.open();
+        drop((slow, others));
+        assert!(
+            lost.is_empty(),
+            "leases lapsed while another lease's renewal was stalled: {lost:?}"
+        );
+    })
+    .await;
+}
+
+/// A renewal held back until its holder has released and another caller of the same backend has
+/// taken the lease: its late answer ("not yours") must not mark the new holder lost.
+#[tokio::test]
+async fn a_late_renewal_answer_does_not_mark_the_next_holder_lost() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.port()).await.unwrap();
+        let ttl = Duration::from_millis(900);
+        // Three connections, picked in turn: the held renewal stalls one, the release and the
+        // next acquire go on the other two.
+        let backend = RedisConfig::new(proxy.url())
+            .lease_ttl(ttl)
+            .lease_timeout(Duration::from_secs(20))
+            .pool_size(3)
+            .connect()
+            .await
+            .unwrap();
+        let first = backend.lease(b"k", soon(2_000)).await.unwrap();
+        let held = proxy.add_rule(Fault::Hold, 1, script_on("renew", b"k"));
+        held.matched(1).await;
+        first
+            .commit_and_release(b"first", in_an_hour())
+            .await
+            .unwrap();
+        let mut second = backend.lease(b"k", soon(2_000)).await.unwrap();
+        held.open();
+        held.completed(1).await;
+        // Past one more renewal of the second holder, and past the first holder's TTL.
+        tokio::time::sleep(ttl + ttl / 3).await;
+        assert!(
+            lease_held(&server, b"k"),
+            "the second holder's lease lapsed"
+        );
+        second.commit(b"second", in_an_hour()).await.unwrap();
+        second.release().await;
+        let record = backend.get_unleased(b"k").await.unwrap().unwrap();
+        assert_eq!(record.value, b"second");
+    })
+    .await;
+}

@@ -302,3 +302,121 @@ async fn a_late_renewal_answer_does_not_mark_the_next_holder_lost() {
     })
     .await;
 }
+
+/// Many leases taken at once are all due for renewal at once: every one of them is still held
+/// after three lease TTLs.
+#[tokio::test]
+async fn many_leases_due_at_once_are_all_renewed() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let ttl = Duration::from_millis(600);
+        let backend = RedisConfig::new(server.url())
+            .lease_ttl(ttl)
+            .lease_timeout(Duration::from_secs(20))
+            .connect()
+            .await
+            .unwrap();
+        let keys: Vec<Vec<u8>> = (0..200).map(|n| format!("many{n}").into_bytes()).collect();
+        let takes: Vec<_> = keys
+            .iter()
+            .map(|key| {
+                let backend = backend.clone();
+                let key = key.clone();
+                tokio::spawn(async move { backend.lease(&key, soon(5_000)).await.unwrap() })
+            })
+            .collect();
+        let mut leases = Vec::new();
+        for take in takes {
+            leases.push(take.await.unwrap());
+        }
+        tokio::time::sleep(ttl * 3).await;
+        let lapsed = keys.iter().filter(|key| !lease_held(&server, key)).count();
+        assert_eq!(lapsed, 0, "{lapsed} of 200 leases lapsed");
+        for lease in leases {
+            lease.release().await;
+        }
+        assert!(keys.iter().all(|key| !lease_held(&server, key)));
+    })
+    .await;
+}
+
+/// Every clone of the backend dropped while a lease is held: the lease is still renewed while
+/// held, and released when the lease is.
+#[tokio::test]
+async fn a_lease_outliving_its_backend_is_renewed_and_released() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let ttl = Duration::from_millis(600);
+        let backend = RedisConfig::new(server.url())
+            .lease_ttl(ttl)
+            .lease_timeout(Duration::from_secs(20))
+            .connect()
+            .await
+            .unwrap();
+        let mut lease = backend.lease(b"orphan", soon(2_000)).await.unwrap();
+        drop(backend);
+        tokio::time::sleep(ttl * 3).await;
+        assert!(lease_held(&server, b"orphan"), "the lease lapsed");
+        lease.commit(b"still mine", in_an_hour()).await.unwrap();
+        lease.release().await;
+        assert!(!lease_held(&server, b"orphan"), "the lease was not released");
+    })
+    .await;
+}
+
+/// The session's queue of waiters, `HLEN` (lapsed entries included).
+fn queue_len(server: &RedisServer, key: &[u8]) -> usize {
+    let name = format!("{PREFIX}{{{}}}:queue", blake3::hash(key).to_hex());
+    let reply = String::from_utf8(server.query(&format!("HLEN {name}")).unwrap()).unwrap();
+    reply.trim().trim_start_matches(':').parse().unwrap()
+}
+
+/// A waiter whose acquire is on its way to Redis (held by the proxy) when its request goes
+/// away: the acquire, when it runs, must neither queue it nor take the lease, and the next waiter
+/// is served as soon as the holder releases (not after the cancelled one's entry lapses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_cancelled_while_its_acquire_is_on_its_way_leaves_nothing_behind() {
+    bounded(LIMIT, async {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.port()).await.unwrap();
+        // Long TTLs: a left-behind entry would hold the next waiter up for 20 s.
+        let long = |url: String| {
+            RedisConfig::new(url)
+                .lease_ttl(Duration::from_secs(20))
+                .lease_timeout(Duration::from_secs(20))
+                .connect()
+        };
+        let holder = long(server.url()).await.unwrap();
+        let held = holder.lease(b"q", soon(2_000)).await.unwrap();
+        let cancelled = long(proxy.url()).await.unwrap();
+        // Loaded first: the held acquire must be a run of the script, not a NOSCRIPT.
+        cancelled.lease(b"warm-up", soon(2_000)).await.unwrap().release().await;
+        let on_its_way = proxy.add_rule(Fault::Hold, 1, script_on("acquire", b"q"));
+        let waiter = tokio::spawn({
+            let cancelled = cancelled.clone();
+            async move { cancelled.lease(b"q", soon(30_000)).await.map(drop) }
+        });
+        on_its_way.matched(1).await;
+        waiter.abort();
+        // The cancel marker is written through another connection of the pool.
+        let marker = format!("{PREFIX}{{{}}}:cancelled:*", blake3::hash(b"q").to_hex());
+        while server.query(&format!("KEYS {marker}")).unwrap() == b"*0\r\n" {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        on_its_way.open();
+        on_its_way.completed(1).await;
+        assert_eq!(queue_len(&server, b"q"), 0, "the cancelled waiter was queued");
+        let next = long(server.url()).await.unwrap();
+        let served = tokio::spawn(async move {
+            let lease = next.lease(b"q", soon(10_000)).await.unwrap();
+            lease.release().await;
+        });
+        while queue_len(&server, b"q") != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        held.release().await;
+        served.await.unwrap();
+        assert!(!lease_held(&server, b"q"));
+    })
+    .await;
+}

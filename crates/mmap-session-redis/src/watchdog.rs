@@ -169,4 +169,31 @@ mod tests {
         );
         assert_eq!(queue.next_due().await.lease, 2);
     }
+
+    /// A lease whose acquire answered late is queued with a due time already past (one period
+    /// after the acquire was sent), in front of the entry the task already sleeps for: it must be
+    /// taken out when it is due, not only when that later entry is.
+    #[tokio::test]
+    #[ignore = "open: an entry queued in front of the one the task sleeps for waits for that \
+                one's due time (up to one renewal period late)"]
+    async fn an_entry_queued_in_front_is_not_held_up_by_the_later_front() {
+        let queue = Arc::new(Queue::default());
+        let later_due = Instant::now() + Duration::from_millis(500);
+        let later = queue.watch("later", later_due);
+        let task = tokio::spawn({
+            let queue = Arc::clone(&queue);
+            async move { (queue.next_due().await.lease, Instant::now()) }
+        });
+        // On this one-thread runtime the task's first poll runs now: it goes to sleep until
+        // `later` is due.
+        tokio::task::yield_now().await;
+        let early = queue.watch("early", Instant::now());
+        let (first, at) = task.await.unwrap();
+        assert_eq!(first, "early");
+        assert!(
+            at < later_due,
+            "an entry due at once came out only when the later front was due"
+        );
+        drop((later, early));
+    }
 }

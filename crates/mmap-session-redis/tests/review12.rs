@@ -1,10 +1,12 @@
-//! Attacks on the insert script, the lease watchdog's queue and the queue of waiters, through a
-//! fault proxy in front of a real redis-server: each test states the promise it tries to break.
+//! Attacks on the insert script, the lease watchdog, the queue of waiters and cluster routing,
+//! through a fault proxy in front of a real redis-server, and on a real cluster with a primary
+//! stopped by SIGSTOP: each test states the promise it tries to break. The ignored ones fail:
+//! they show open holes (see their reasons).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{bounded, in_an_hour, request, serve, soon};
 use mmap_session::{BackendLease as _, SessionBackend as _};
@@ -359,7 +361,10 @@ async fn a_lease_outliving_its_backend_is_renewed_and_released() {
         assert!(lease_held(&server, b"orphan"), "the lease lapsed");
         lease.commit(b"still mine", in_an_hour()).await.unwrap();
         lease.release().await;
-        assert!(!lease_held(&server, b"orphan"), "the lease was not released");
+        assert!(
+            !lease_held(&server, b"orphan"),
+            "the lease was not released"
+        );
     })
     .await;
 }
@@ -390,7 +395,12 @@ async fn a_waiter_cancelled_while_its_acquire_is_on_its_way_leaves_nothing_behin
         let held = holder.lease(b"q", soon(2_000)).await.unwrap();
         let cancelled = long(proxy.url()).await.unwrap();
         // Loaded first: the held acquire must be a run of the script, not a NOSCRIPT.
-        cancelled.lease(b"warm-up", soon(2_000)).await.unwrap().release().await;
+        cancelled
+            .lease(b"warm-up", soon(2_000))
+            .await
+            .unwrap()
+            .release()
+            .await;
         let on_its_way = proxy.add_rule(Fault::Hold, 1, script_on("acquire", b"q"));
         let waiter = tokio::spawn({
             let cancelled = cancelled.clone();
@@ -405,7 +415,11 @@ async fn a_waiter_cancelled_while_its_acquire_is_on_its_way_leaves_nothing_behin
         }
         on_its_way.open();
         on_its_way.completed(1).await;
-        assert_eq!(queue_len(&server, b"q"), 0, "the cancelled waiter was queued");
+        assert_eq!(
+            queue_len(&server, b"q"),
+            0,
+            "the cancelled waiter was queued"
+        );
         let next = long(server.url()).await.unwrap();
         let served = tokio::spawn(async move {
             let lease = next.lease(b"q", soon(10_000)).await.unwrap();
@@ -417,6 +431,121 @@ async fn a_waiter_cancelled_while_its_acquire_is_on_its_way_leaves_nothing_behin
         held.release().await;
         served.await.unwrap();
         assert!(!lease_held(&server, b"q"));
+    })
+    .await;
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to the process `pid`.
+fn signal(pid: &str, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// Lets a stopped process go on when dropped, should the test fail while it is stopped.
+struct Stopped(String);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(&self.0, "CONT");
+    }
+}
+
+/// A cluster primary that stops answering (SIGSTOP: its connections stay open, nothing is
+/// answered): the other primaries' sessions are still served, its own sessions fail (within the
+/// command time-out, not hanging), and once it goes on (SIGCONT) they are served again without a
+/// restart of the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_primary_that_stops_answering_takes_only_its_sessions_and_comes_back() {
+    bounded(Duration::from_secs(120), async {
+        let cluster =
+            RedisServer::start_cluster_with(3, 0, &["--cluster-require-full-coverage", "no"])
+                .unwrap();
+        let command_timeout = Duration::from_secs(1);
+        let backend = RedisConfig::new(cluster.url())
+            .command_timeout(command_timeout)
+            .connect()
+            .await
+            .unwrap();
+        let update = |key: String| {
+            let backend = backend.clone();
+            async move {
+                let mut lease = backend.lease(key.as_bytes(), soon(2_000)).await?;
+                let n: u64 = lease.load().await?.map_or(0, |record| {
+                    String::from_utf8(record.value).unwrap().parse().unwrap()
+                });
+                lease
+                    .commit_and_release((n + 1).to_string().as_bytes(), in_an_hour())
+                    .await
+            }
+        };
+        const SESSIONS: usize = 30;
+        for session in 0..SESSIONS {
+            update(format!("stop-{session}")).await.unwrap();
+        }
+        let record = |session: usize| {
+            let hash = blake3::hash(format!("stop-{session}").as_bytes()).to_hex();
+            format!("{PREFIX}{{{hash}}}")
+        };
+        let on = |node: &RedisServer, session: usize| {
+            node.query(&format!("EXISTS {}", record(session))).unwrap() == b":1\r\n"
+        };
+        let (stopped_sessions, stopped_node) = cluster
+            .nodes()
+            .skip(1)
+            .map(|node| {
+                (
+                    (0..SESSIONS).filter(|&s| on(node, s)).collect::<Vec<_>>(),
+                    node,
+                )
+            })
+            .find(|(held, _)| !held.is_empty())
+            .unwrap();
+        let info = String::from_utf8(stopped_node.query("INFO server").unwrap()).unwrap();
+        let pid = info
+            .lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        signal(&pid, "STOP");
+        let stopped = Stopped(pid);
+        let since = Instant::now();
+        for session in (0..SESSIONS).filter(|session| !stopped_sessions.contains(session)) {
+            while let Err(error) = update(format!("stop-{session}")).await {
+                assert!(
+                    since.elapsed() < Duration::from_secs(10),
+                    "stop-{session} (on a primary that answers) not served 10 s after another \
+                     primary stopped: {error:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        // A session of the stopped primary fails, and does not hang past a few command
+        // time-outs.
+        let one = stopped_sessions[0];
+        let failed = tokio::time::timeout(command_timeout * 4, update(format!("stop-{one}"))).await;
+        assert!(
+            matches!(failed, Ok(Err(_))),
+            "a session of the stopped primary: {failed:?}"
+        );
+        drop(stopped);
+        let since = Instant::now();
+        while let Err(error) = update(format!("stop-{one}")).await {
+            assert!(
+                since.elapsed() < Duration::from_secs(10),
+                "stop-{one} not served 10 s after its primary went on: {error:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let stored = backend
+            .get_unleased(format!("stop-{one}").as_bytes())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.value, b"2");
     })
     .await;
 }

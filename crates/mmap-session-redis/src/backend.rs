@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::pin::pin;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +35,11 @@ const MIN_ACQUIRE_BUDGET: Duration = Duration::from_millis(100);
 /// How long before its entry in a session's queue lapses a waiter refreshes it, at most: the
 /// entry lives for the lease TTL, and the refresh (a try) must reach Redis before then.
 const REFRESH_MARGIN: Duration = Duration::from_millis(100);
+/// The least time a renewal is given, however near its lease is to lapsing.
+const MIN_RENEW_BUDGET: Duration = Duration::from_millis(10);
+/// How soon a renewal that failed (timed out on a connection that stalled, or found no
+/// connection up) is tried again, at most, while its lease has not lapsed.
+const RENEW_RETRY: Duration = Duration::from_millis(20);
 /// How many hand-overs in a row within one process go on although a request of another process
 /// waits: bounds how long a busy process keeps a session from the others.
 const KEEP_RUN: u32 = 8;
@@ -527,6 +532,9 @@ pub(crate) struct Renewal {
     lost: Arc<AtomicBool>,
     /// The holder's turn in this process, given back once the lease is lost or past its time-out.
     turn: Arc<TurnSlot>,
+    /// When the lease lapses unless renewed again, counted from when the last renewal that
+    /// succeeded was sent (or from when the acquire was sent): what a renewal try may take.
+    lapses_at: std::sync::Mutex<Instant>,
 }
 
 impl Inner {
@@ -546,6 +554,7 @@ impl Inner {
             end: taken + self.lease_timeout,
             lost: Arc::clone(lost),
             turn: Arc::clone(turn),
+            lapses_at: std::sync::Mutex::new(taken + self.lease_ttl),
         };
         self.renewals.watch(renewal, taken + self.lease_ttl / 3)
     }
@@ -566,9 +575,12 @@ async fn watchdog(inner: Weak<Inner>, queue: Arc<watchdog::Queue<Renewal>>) {
 /// One renewal of a held lease, then queued again for the next one a third of the lease TTL
 /// later. Past `lease_timeout` the lease is no longer renewed. A renewal that finds the lease gone
 /// or someone else's sets `lost`, which ends the holder's right to write; either way (lost, or
-/// past the time-out) the holder's turn in this process is given back. A renewal that fails to
-/// reach Redis is tried again one period later (the scripts' token check fences any write made
-/// after the lease lapsed).
+/// past the time-out) the holder's turn in this process is given back.
+///
+/// A try may take a quarter of the time left before the lease lapses (and at most a renewal
+/// period): one that fails (a connection that stalled, none up) is tried again soon, on the next
+/// connection, several times while the lease has not lapsed, and a period later once it has (the scripts' token check
+/// fences any write made after the lease lapsed).
 async fn renew(inner: Arc<Inner>, due: Arc<Watched<Renewal>>) {
     let every = inner.lease_ttl / 3;
     let Renewal {
@@ -577,7 +589,9 @@ async fn renew(inner: Arc<Inner>, due: Arc<Watched<Renewal>>) {
         end,
         lost,
         turn,
+        lapses_at,
     } = &due.lease;
+    let lapses = *lapses_at.lock().unwrap_or_else(PoisonError::into_inner);
     let now = Instant::now();
     if now >= *end {
         tracing::warn!(
@@ -591,13 +605,14 @@ async fn renew(inner: Arc<Inner>, due: Arc<Watched<Renewal>>) {
         return;
     }
     let ttl = inner.lease_ttl.min(*end - now);
+    let budget = (lapses.saturating_duration_since(now) / 4).clamp(MIN_RENEW_BUDGET, every);
     let renewal = inner
         .run(
             &inner.scripts.renew,
             "renew lease",
             keys.for_token(token),
             vec![Value::from(token.as_str()), Value::from(millis(ttl))],
-            every,
+            budget,
         )
         .await;
     if due.is_done() {
@@ -605,7 +620,9 @@ async fn renew(inner: Arc<Inner>, due: Arc<Watched<Renewal>>) {
         return;
     }
     match renewal {
-        Ok(Value::Integer(1)) => {}
+        Ok(Value::Integer(1)) => {
+            *lapses_at.lock().unwrap_or_else(PoisonError::into_inner) = now + ttl;
+        }
         Ok(_) => {
             lost.store(true, Ordering::SeqCst);
             tracing::warn!(
@@ -616,11 +633,18 @@ async fn renew(inner: Arc<Inner>, due: Arc<Watched<Renewal>>) {
             drop(take_turn(turn));
             return;
         }
-        Err(error) => tracing::warn!(
-            key = keys.short(),
-            error = %error,
-            "cannot renew a session lease; trying again"
-        ),
+        Err(error) => {
+            tracing::warn!(
+                key = keys.short(),
+                error = %error,
+                "cannot renew a session lease; trying again"
+            );
+            let now = Instant::now();
+            if now < lapses {
+                inner.renewals.requeue(due, now + RENEW_RETRY.min(every));
+                return;
+            }
+        }
     }
     inner.renewals.requeue(due, Instant::now() + every);
 }

@@ -136,7 +136,8 @@ if held then
   enqueue(clock(), ARGV[1], redis.call('HGET', KEYS[5], ARGV[1]), ARGV[5], ARGV[2])
   return {0, redis.call('PTTL', KEYS[1])}
 end
-if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
+local record = redis.call('GET', KEYS[3])
+if ARGV[4] == '1' and not record then
   return {2}
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then
@@ -158,7 +159,7 @@ local overdue = 0
 if released ~= generation - 1 then
   overdue = 1
 end
-return {1, generation, overdue, redis.call('GET', KEYS[3])}
+return {1, generation, overdue, record}
 "
 );
 
@@ -310,15 +311,18 @@ end",
     "return 2"
 );
 
-/// Stores a new record if the key is free: no lease held on it and no record. Needs no lease of
-/// its own: nobody else can be writing a record that does not exist and whose lease is free.
+/// Stores a new record if the key is free: no lease held on it, no generation counter (nobody
+/// took its lease lately) and no record. Needs no lease of its own: nobody else can be writing a
+/// record that does not exist and whose lease is free.
 ///
 /// `ARGV`: the record, its TTL (ms). Returns 1 if written, 0 if the key is in use (nothing
-/// written). Run again after it wrote (its reply lost), it finds its own bytes there (they hold
-/// the record's expiry to the nanosecond and are never written twice by different callers) and
-/// answers 1 again.
+/// written by this run). Run again after it wrote (its reply lost), it finds its own bytes there
+/// (they hold the record's expiry to the nanosecond and are never written twice by different
+/// callers) and answers 1 again; if someone took the key's lease in between (only a caller that
+/// knew the key before the insert answered can), it answers 0 and writes nothing, so a replay
+/// never brings back a record that was removed meanwhile.
 const INSERT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
   return 0
 end
 local found = redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')

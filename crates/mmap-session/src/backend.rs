@@ -128,6 +128,10 @@ pub trait SessionBackend: Send + Sync + 'static {
     /// written, if it is in use (it has a live record, or a lease that someone else holds).
     /// The layer saves a new session this way, drawing another id on `false`.
     ///
+    /// A backend that may run one call twice (a network client sending a command again after
+    /// its reply was lost) answers `true` when the first run wrote and nobody used the key since,
+    /// and never writes a record back that was removed meanwhile (it may then answer `false`).
+    ///
     /// The default takes the lease (waiting until `deadline` at most), reads the record and
     /// commits under it. A networked backend overrides it to do the check and the write in one
     /// round trip, answering `false` at once where the default would wait for the lease.

@@ -15,6 +15,7 @@ use fred::types::{ClusterHash, CustomCommand};
 use mmap_session::{BackendError, BackendLease, SessionBackend, StoredRecord};
 use tokio::task::{AbortHandle, JoinHandle};
 
+use crate::chain::{Chain, Failure, Write};
 use crate::config::{redacted, RedisConfig};
 use crate::connections::Connections;
 use crate::keys::SessionKeys;
@@ -355,6 +356,181 @@ impl Inner {
         }
     }
 
+    /// Sends the pending write of `chain`, a run of hand-overs of the lease of `token`, as
+    /// `step` says, once the run's script on its way (if any) has returned: in a task of its own,
+    /// so that the outcome is recorded even if the caller goes away.
+    async fn chain_step(
+        self: &Arc<Self>,
+        keys: &SessionKeys,
+        token: &str,
+        chain: &Arc<Chain>,
+        step: Step,
+        own: Option<Write>,
+    ) -> Result<After, Failure> {
+        let task = tokio::spawn({
+            let inner = Arc::clone(self);
+            let keys = keys.clone();
+            let token = token.to_owned();
+            let chain = Arc::clone(chain);
+            async move {
+                let _sending = chain.sending.lock().await;
+                inner.chain_step_locked(&keys, &token, &chain, step, own).await
+            }
+        });
+        task.await.unwrap_or_else(|error| {
+            // Only a runtime shutting down ends the task early.
+            let failure = Failure::Failed {
+                unavailable: false,
+                reason: format!("the task sending the write ended early: {error}"),
+            };
+            chain.fail(failure.clone());
+            Err(failure)
+        })
+    }
+
+    /// [`Inner::chain_step`], with the run's sending lock held: sends the holder's `own` last
+    /// write (numbered by [`Chain::number_last`], in place of the queued one it holds the changes
+    /// of) or else the queued write. A step that ends the lease (`Release`, or
+    /// `KeepUnlessOthersWait` when it fails) releases it in any case.
+    async fn chain_step_locked(
+        &self,
+        keys: &SessionKeys,
+        token: &str,
+        chain: &Chain,
+        step: Step,
+        own: Option<Write>,
+    ) -> Result<After, Failure> {
+        if let Some(failure) = chain.failure() {
+            if step != Step::Keep {
+                self.release(keys, token, false).await;
+            }
+            return Err(failure);
+        }
+        let pending = chain.take_pending();
+        let Some(write) = own.or(pending) else {
+            // Sent (and confirmed) by an earlier step already.
+            return match step {
+                Step::Release => {
+                    self.release(keys, token, false).await;
+                    Ok(After::Released)
+                }
+                Step::Keep | Step::KeepUnlessOthersWait => Ok(After::Kept),
+            };
+        };
+        let (script, command, args) = match (step, write.record) {
+            (Step::Release, record) => {
+                let mut args = vec![
+                    Value::from(token),
+                    Value::from(if record.is_some() { "1" } else { "0" }),
+                    Value::from(""),
+                    Value::from(keys.release_channel()),
+                    Value::from(keys.hash.as_str()),
+                ];
+                if let Some((stored, ttl)) = record {
+                    args.push(Value::Bytes(stored.into()));
+                    args.push(Value::from(millis(ttl)));
+                }
+                (&self.scripts.commit_release, "commit and release", args)
+            }
+            (Step::Keep | Step::KeepUnlessOthersWait, Some((stored, ttl))) => (
+                &self.scripts.commit_keep,
+                "commit and hand over",
+                vec![
+                    Value::from(token),
+                    Value::Bytes(stored.into()),
+                    Value::from(millis(ttl)),
+                    Value::from(keys.release_channel()),
+                    Value::from(keys.hash.as_str()),
+                    Value::from(millis(self.lease_ttl)),
+                    Value::from(if step == Step::Keep { "1" } else { "0" }),
+                ],
+            ),
+            (Step::Keep | Step::KeepUnlessOthersWait, None) => (
+                &self.scripts.remove,
+                "remove record",
+                vec![Value::from(token)],
+            ),
+        };
+        let reply = self
+            .run(
+                script,
+                command,
+                keys.for_token(token),
+                args,
+                self.command_timeout,
+            )
+            .await;
+        let failure = match reply {
+            Ok(Value::Integer(1)) => {
+                chain.confirm(write.number);
+                return Ok(if step == Step::Release {
+                    After::Released
+                } else {
+                    After::Kept
+                });
+            }
+            // Written, then released to a request of another process.
+            Ok(Value::Integer(2)) if step == Step::KeepUnlessOthersWait => {
+                chain.confirm(write.number);
+                return Ok(After::Released);
+            }
+            // The lease is someone else's (or was released): nothing was written.
+            Ok(Value::Integer(0 | 2)) => {
+                tracing::warn!(
+                    key = keys.short(),
+                    "the session's lease expired before the write; nothing was written"
+                );
+                chain.fail(Failure::Lost);
+                return Err(Failure::Lost);
+            }
+            Ok(other) => Failure::Failed {
+                unavailable: false,
+                reason: RedisError::UnexpectedReply {
+                    command,
+                    reply: format!("{:?}", other.kind()),
+                }
+                .to_string(),
+            },
+            Err(error) => Failure::Failed {
+                unavailable: error.is_unavailable(),
+                reason: error.to_string(),
+            },
+        };
+        chain.fail(failure.clone());
+        if step != Step::Keep {
+            // Whether the write was made is unknown; the lease goes either way (a late copy of
+            // the write finds it released and writes nothing).
+            self.release(keys, token, false).await;
+        }
+        Err(failure)
+    }
+
+    /// Waits until write `number` of `chain` is confirmed (by itself or a later write of the run)
+    /// or has failed with the run, sending the pending write if nobody else does.
+    async fn flush_chain(
+        self: &Arc<Self>,
+        keys: &SessionKeys,
+        token: &str,
+        chain: &Arc<Chain>,
+        number: u64,
+    ) -> Result<(), BackendError> {
+        if chain.outcome(number).is_none() {
+            self.chain_step(keys, token, chain, Step::Keep, None)
+                .await
+                .map_err(failure_error)?;
+        }
+        match chain.outcome(number) {
+            Some(outcome) => outcome.map_err(failure_error),
+            // Every step takes the pending write (ours or a later one) and records its outcome
+            // before it lets the next one go: after ours, it is known.
+            None => Err(RedisError::UnexpectedReply {
+                command: "commit and hand over",
+                reply: "no outcome recorded for the write".to_owned(),
+            }
+            .into()),
+        }
+    }
+
     fn decode(&self, keys: &SessionKeys, stored: &[u8]) -> Option<StoredRecord> {
         match record::decode(stored, SystemTime::now()) {
             Ok(record) => record,
@@ -388,6 +564,42 @@ enum Attempt {
         overdue: bool,
         stored: Option<Vec<u8>>,
     },
+}
+
+/// What a script of a run of hand-overs (a [`Chain`]) does besides its write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Keeps the lease, for the run's next request (which already has it).
+    Keep,
+    /// Keeps the lease unless a request of another process waits for it: then releases it.
+    KeepUnlessOthersWait,
+    /// Releases the lease: the run ends.
+    Release,
+}
+
+/// Where the lease is after a script of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum After {
+    /// Still held by the run's token.
+    Kept,
+    /// Released.
+    Released,
+}
+
+/// The error a request gets when its run of hand-overs failed: the lease lost, or the cause of
+/// the failed write (the request that made it gets that; the later ones started from it).
+fn failure_error(failure: Failure) -> BackendError {
+    match failure {
+        Failure::Lost => BackendError::LeaseLost,
+        Failure::Failed {
+            unavailable,
+            reason,
+        } => RedisError::PipelinedWriteFailed {
+            unavailable,
+            reason,
+        }
+        .into(),
+    }
 }
 
 /// How often at most a waiter tries again while it waits, to refresh its entry in the session's
@@ -443,6 +655,9 @@ struct Holding {
     /// once the lease is released, or by the watchdog once the lease has lapsed, so that the next
     /// request of this process tries then.
     turn: Arc<TurnSlot>,
+    /// The writes of the run of hand-overs this lease is part of, once its first write was
+    /// queued there (see [`Chain`]): then every write and the release go through it, in order.
+    chain: Option<Arc<Chain>>,
 }
 
 /// A turn at a session in this process, while its lease is held.
@@ -468,6 +683,8 @@ pub(crate) struct Handover {
     stored: Option<Vec<u8>>,
     /// How many hand-overs in a row led to this one.
     run: u32,
+    /// When the lease's TTL was last set, at the latest: its watchdog counts from then.
+    counted_from: Instant,
 }
 
 impl fmt::Debug for Handover {
@@ -483,6 +700,12 @@ impl Holding {
     /// Starts releasing the lease (once), in a task of its own so that it completes even if the
     /// caller is cancelled. `None` if there is nothing to release or no runtime to do it on.
     fn start_release(&mut self) -> Option<JoinHandle<()>> {
+        self.end_with(None)
+    }
+
+    /// [`Holding::start_release`], sending `own` (numbered in the lease's run) with the release
+    /// where the lease is part of a run of hand-overs.
+    fn end_with(&mut self, own: Option<Write>) -> Option<JoinHandle<()>> {
         drop(self.watchdog.take());
         let turn = take_turn(&self.turn);
         if !std::mem::replace(&mut self.armed, false) {
@@ -498,6 +721,17 @@ impl Holding {
         let inner = Arc::clone(&self.inner);
         let keys = self.keys.clone();
         let token = self.token.clone();
+        if let Some(chain) = self.chain.clone() {
+            // The run's last write (if one is pending) goes with the release, after the script
+            // on its way.
+            return Some(runtime.spawn(async move {
+                let _sending = chain.sending.lock().await;
+                let _ = inner
+                    .chain_step_locked(&keys, &token, &chain, Step::Release, own)
+                    .await;
+                drop(turn);
+            }));
+        }
         let cancelled = !self.confirmed;
         Some(runtime.spawn(async move {
             inner.release(&keys, &token, cancelled).await;
@@ -670,7 +904,17 @@ impl RedisBackend {
             .await
             .map_err(|()| BackendError::LeaseTimeout)?;
         if let Some(handover) = handed {
-            return Ok(self.adopt(handover, turn, only_existing));
+            let failed = handover
+                .holding
+                .chain
+                .as_ref()
+                .is_some_and(|chain| chain.failure().is_some());
+            if !failed {
+                return Ok(self.adopt(handover, turn, only_existing));
+            }
+            // A write of the run it belongs to failed: the record it holds may not be Redis's.
+            // Released (after the run's scripts), then taken from Redis as any other.
+            handover.release().await;
         }
         let mut turn = Some(turn);
         // Release messages name the waiter at the head of the session's queue by its token.
@@ -690,6 +934,7 @@ impl RedisBackend {
             confirmed: false,
             watchdog: None,
             turn: turn_slot(None),
+            chain: None,
         };
         let mut queued = false;
         loop {
@@ -807,6 +1052,7 @@ impl RedisBackend {
             generation,
             stored,
             run,
+            counted_from,
         } = handover;
         holding.turn = turn_slot(Some(turn));
         if only_existing && stored.is_none() {
@@ -817,7 +1063,7 @@ impl RedisBackend {
         holding.watchdog = Some(self.inner.watch(
             &holding.keys,
             &holding.token,
-            Instant::now(),
+            counted_from,
             &lost,
             &holding.turn,
         ));
@@ -997,9 +1243,30 @@ impl RedisLease {
 }
 
 impl RedisLease {
+    /// A write (`record`, or `None` to delete the record) by the holder of a lease that is part
+    /// of a run of hand-overs: after the run's earlier writes, keeping the lease.
+    async fn chained(
+        &mut self,
+        chain: &Arc<Chain>,
+        record: Option<(Vec<u8>, Duration)>,
+    ) -> Result<(), BackendError> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(BackendError::LeaseLost);
+        }
+        let number = chain.queue(record);
+        let holding = &self.holding;
+        holding
+            .inner
+            .flush_chain(&holding.keys, &holding.token, chain, number)
+            .await
+    }
+
     /// Writes `stored` and hands the lease to the next request of this process waiting for the
-    /// session, in one round trip, unless a request of another process waits too: then the
-    /// script releases it to them (and the next request here takes its turn at Redis).
+    /// session. For the first [`KEEP_RUN`] hand-overs of a run, at once: the write is queued in
+    /// the run's [`Chain`] and goes to Redis while the next request runs, and this one answers
+    /// once it is confirmed. After that, only once the write's script has answered, and only if
+    /// no request of another process waits: then the script releases the lease to them (and the
+    /// next request here takes its turn at Redis); if nobody did, a new run begins.
     async fn commit_and_hand_over(
         mut self,
         stored: Vec<u8>,
@@ -1008,75 +1275,113 @@ impl RedisLease {
         if self.lost.load(Ordering::SeqCst) {
             return Err(BackendError::LeaseLost);
         }
+        let pipelined = self.handovers < KEEP_RUN;
         let holding = &mut self.holding;
-        drop(holding.watchdog.take());
         let inner = Arc::clone(&holding.inner);
-        let args = vec![
-            Value::from(holding.token.as_str()),
-            Value::Bytes(stored.clone().into()),
-            Value::from(millis(ttl)),
-            Value::from(holding.keys.release_channel()),
-            Value::from(holding.keys.hash.as_str()),
-            Value::from(millis(inner.lease_ttl)),
-            // A short run of hand-overs goes on even when another process waits: each hand-over
-            // to another process costs a release, a message and an acquire.
-            Value::from(if self.handovers < KEEP_RUN { "1" } else { "0" }),
-        ];
-        let reply = inner
-            .run(
-                &inner.scripts.commit_keep,
-                "commit and hand over",
-                holding.keys.for_token(&holding.token),
-                args,
-                inner.command_timeout,
-            )
-            .await?;
-        match reply {
-            Value::Integer(1) => {
-                // Kept: the lease goes to the next request with the token, as it stands.
-                holding.armed = false;
-                let handover = Handover {
-                    holding: Holding {
-                        inner: Arc::clone(&inner),
-                        keys: holding.keys.clone(),
-                        token: holding.token.clone(),
-                        armed: true,
-                        confirmed: true,
-                        watchdog: None,
-                        turn: turn_slot(None),
-                    },
-                    generation: self.generation,
-                    stored: Some(stored),
-                    run: self.handovers + 1,
-                };
-                match take_turn(&holding.turn) {
-                    Some(turn) => {
-                        if let Some(back) = turn.hand_over(handover) {
-                            // The next one went away meanwhile: release after all.
-                            back.release().await;
-                        }
-                    }
-                    None => handover.release().await,
+        let chain = Arc::clone(holding.chain.get_or_insert_with(Arc::default));
+        let record = Some((stored.clone(), ttl));
+        let (number, own) = if pipelined {
+            (chain.queue(record), None)
+        } else {
+            let own = chain.number_last(record);
+            (own.number, Some(own))
+        };
+        let watched = holding.watchdog.take();
+        let (run, counted_from) = if pipelined {
+            // The lease's TTL was last set when its last renewal (or the acquire) was sent, at
+            // the latest; the write on its way sets it again.
+            let counted_from = watched.as_ref().map_or_else(Instant::now, |watch| {
+                let lapses_at = *watch
+                    .lease()
+                    .lapses_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                lapses_at
+                    .checked_sub(inner.lease_ttl)
+                    .unwrap_or_else(Instant::now)
+            });
+            (self.handovers + 1, counted_from.min(Instant::now()))
+        } else {
+            let sent = Instant::now();
+            match inner
+                .chain_step(
+                    &holding.keys,
+                    &holding.token,
+                    &chain,
+                    Step::KeepUnlessOthersWait,
+                    own,
+                )
+                .await
+            {
+                // Nobody of another process waited: a new run.
+                Ok(After::Kept) => (0, sent),
+                Ok(After::Released) => {
+                    // Released to a request of another process; the turn goes on when dropped.
+                    holding.armed = false;
+                    return Ok(());
                 }
-                Ok(())
+                Err(failure) => {
+                    // Released already, or not ours any more.
+                    holding.armed = false;
+                    return Err(failure_error(failure));
+                }
             }
-            Value::Integer(2) => {
-                // Released to a request of another process; the turn goes on when dropped.
-                holding.armed = false;
-                Ok(())
+        };
+        drop(watched);
+        // The lease goes to the next request with the token, as it stands.
+        holding.armed = false;
+        let handover = Handover {
+            holding: Holding {
+                inner: Arc::clone(&inner),
+                keys: holding.keys.clone(),
+                token: holding.token.clone(),
+                armed: true,
+                confirmed: true,
+                watchdog: None,
+                turn: turn_slot(None),
+                chain: Some(Arc::clone(&chain)),
+            },
+            generation: self.generation,
+            stored: Some(stored),
+            run,
+            counted_from,
+        };
+        match take_turn(&holding.turn) {
+            Some(turn) => {
+                if let Some(back) = turn.hand_over(handover) {
+                    // The next one went away meanwhile: the run ends here, with this write.
+                    back.release().await;
+                }
             }
-            Value::Integer(0) => {
-                holding.armed = false;
-                tracing::warn!(
-                    key = holding.keys.short(),
-                    generation = self.generation,
-                    "the session's lease expired before the write; nothing was written"
-                );
-                Err(BackendError::LeaseLost)
-            }
-            other => Err(RedisError::UnexpectedReply {
-                command: "commit and hand over",
-                reply: format!("{:?}", other.kind()),
+            None => handover.release().await,
+        }
+        inner
+            .flush_chain(&holding.keys, &holding.token, &chain, number)
+            .await
+    }
+
+    /// Ends a lease that is part of a run of hand-overs: queues `record` (`None`: delete the
+    /// record) as the run's last write, which goes with the release, and waits for its outcome.
+    async fn end_run(
+        mut self,
+        chain: &Arc<Chain>,
+        record: Option<(Vec<u8>, Duration)>,
+    ) -> Result<(), BackendError> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(BackendError::LeaseLost);
+        }
+        let own = chain.number_last(record);
+        let number = own.number;
+        if let Some(task) = self.holding.end_with(Some(own)) {
+            // A failed join means the runtime is shutting down; the outcome below says so.
+            let _ = task.await;
+        }
+        match chain.outcome(number) {
+            Some(outcome) => outcome.map_err(failure_error),
+            None => Err(RedisError::UnexpectedReply {
+                command: "commit and release",
+                reply: "no outcome recorded for the write (the runtime is shutting down)"
+                    .to_owned(),
             }
             .into()),
         }
@@ -1165,6 +1470,12 @@ impl BackendLease for RedisLease {
             return self.remove().await;
         }
         let stored = record::encode(value, expires_at);
+        if let Some(chain) = self.holding.chain.clone() {
+            // After the run's earlier writes, in order.
+            self.chained(&chain, Some((stored.clone(), ttl))).await?;
+            self.stored = Some(stored);
+            return Ok(());
+        }
         self.fenced(
             |scripts| &scripts.commit,
             "commit record",
@@ -1179,6 +1490,11 @@ impl BackendLease for RedisLease {
     }
 
     async fn remove(&mut self) -> Result<(), BackendError> {
+        if let Some(chain) = self.holding.chain.clone() {
+            self.chained(&chain, None).await?;
+            self.stored = None;
+            return Ok(());
+        }
         self.fenced(|scripts| &scripts.remove, "remove record", Vec::new())
             .await?;
         self.stored = None;
@@ -1206,6 +1522,9 @@ impl BackendLease for RedisLease {
                 if inner.waiters.has_queued(&self.holding.keys.hash) {
                     return self.commit_and_hand_over(stored, ttl).await;
                 }
+                if let Some(chain) = self.holding.chain.clone() {
+                    return self.end_run(&chain, Some((stored, ttl))).await;
+                }
                 self.finish(vec![
                     Value::from("1"),
                     Value::Bytes(stored.into()),
@@ -1214,12 +1533,15 @@ impl BackendLease for RedisLease {
                 .await
             }
             // Already expired: what is left to store is nothing.
-            _ => self.finish(vec![Value::from("0")]).await,
+            _ => self.remove_and_release().await,
         }
     }
 
     /// One round trip: the removal and the release in one script.
     async fn remove_and_release(mut self) -> Result<(), BackendError> {
+        if let Some(chain) = self.holding.chain.clone() {
+            return self.end_run(&chain, None).await;
+        }
         self.finish(vec![Value::from("0")]).await
     }
 

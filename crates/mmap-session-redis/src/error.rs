@@ -52,6 +52,20 @@ pub enum RedisError {
         /// The reply, summarised (never a stored value).
         reply: String,
     },
+    /// A write of a run of requests of this process on one session failed: the requests of a run
+    /// hand the session's lease to each other while their writes are on their way, each starting
+    /// from the changes of the one before, so one failed write fails the request that made it and
+    /// every later one of the run. Their changes may or may not have been written.
+    #[error(
+        "a write of this session by this process failed ({reason}); the request's changes, \
+         which were part of it or started from it, may not have been written"
+    )]
+    PipelinedWriteFailed {
+        /// Whether the write failed because Redis could not be reached.
+        unavailable: bool,
+        /// What became of the write.
+        reason: String,
+    },
     /// A configuration value is out of range.
     #[error("invalid Redis backend configuration: {0}")]
     Config(&'static str),
@@ -65,6 +79,7 @@ impl RedisError {
         use fred::error::ErrorKind;
         match self {
             RedisError::NotConnected { .. } => true,
+            RedisError::PipelinedWriteFailed { unavailable, .. } => *unavailable,
             RedisError::Command { source, .. } | RedisError::Connect { source } => {
                 connection_lost(source)
                     || matches!(

@@ -55,6 +55,7 @@
 #![deny(missing_docs)]
 
 mod backend;
+mod chain;
 mod config;
 mod connections;
 mod error;

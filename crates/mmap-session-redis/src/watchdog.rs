@@ -44,6 +44,13 @@ impl<T> Watched<T> {
 /// The holder's side of an entry: the lease is renewed until this is dropped.
 pub(crate) struct Watch<T>(Arc<Watched<T>>);
 
+impl<T> Watch<T> {
+    /// What renewing the lease needs, as the watchdog sees it.
+    pub(crate) fn lease(&self) -> &T {
+        &self.0.lease
+    }
+}
+
 impl<T> Drop for Watch<T> {
     fn drop(&mut self) {
         self.0.done.store(true, Ordering::Release);

@@ -378,7 +378,9 @@ impl Inner {
             let chain = Arc::clone(chain);
             async move {
                 let _sending = chain.sending.lock().await;
-                inner.chain_step_locked(&keys, &token, &chain, step, own).await
+                inner
+                    .chain_step_locked(&keys, &token, &chain, step, own)
+                    .await
             }
         });
         task.await.unwrap_or_else(|error| {

@@ -115,7 +115,8 @@ async fn the_next_request_starts_while_the_write_before_it_is_on_its_way() {
         assert_eq!(value(backend.get_unleased(b"k").await.unwrap()), b"5");
         // Five requests, fewer writes: the held one, at most one for the writes queued behind
         // it (the latest holds the others' changes), and the last request's with the release.
-        let sent = hold.matched_count() + writes.iter().map(RuleHandle::matched_count).sum::<usize>();
+        let sent =
+            hold.matched_count() + writes.iter().map(RuleHandle::matched_count).sum::<usize>();
         assert!(sent <= 3, "{sent} writes for 5 requests");
         // The run ended with a release: the lease is free.
         let free = backend.lease(b"k", soon(300)).await.unwrap();
@@ -156,10 +157,7 @@ async fn a_write_that_fails_fails_every_request_that_started_from_it() {
             .to_owned();
         server.raw_command(&format!("DEL {lease_key}")).unwrap();
         hold.open();
-        assert!(matches!(
-            first.await.unwrap(),
-            Err(BackendError::LeaseLost)
-        ));
+        assert!(matches!(first.await.unwrap(), Err(BackendError::LeaseLost)));
         for request in requests {
             assert!(matches!(
                 request.await.unwrap(),

@@ -8,7 +8,8 @@
 //!   Redis and gives it back after releasing the lease. So at most one request per process per
 //!   session talks to Redis, and newcomers of this process never overtake earlier ones. When the
 //!   holder finishes with the next request already in line, it hands the lease over (see
-//!   [`Handover`]): its commit keeps the lease, and the next one goes on without an acquire.
+//!   [`Handover`]): the next one goes on without an acquire, and without waiting for the
+//!   write of the one before, which keeps the lease (see the `chain` module).
 //! - **A queue across processes, per-session channels.** The request whose turn it is and who
 //!   finds the lease held (or free, but another process's waiter first in the session's queue in
 //!   Redis) is put in that queue by the acquire script, subscribes to the session's channel
@@ -134,7 +135,7 @@ impl Waiters {
             return handover;
         };
         let mut turn = match handover {
-            Some(handover) => Turn::Handed(handover),
+            Some(handover) => Turn::Handed(Box::new(handover)),
             None => Turn::Yours,
         };
         while let Some(next) = entry.queue.pop_front() {
@@ -146,7 +147,7 @@ impl Waiters {
         }
         entry.busy = false;
         match turn {
-            Turn::Handed(handover) => Some(handover),
+            Turn::Handed(handover) => Some(*handover),
             Turn::Yours => None,
         }
     }
@@ -177,7 +178,7 @@ enum Turn {
     /// Take the lease from Redis.
     Yours,
     /// The lease, already held.
-    Handed(Handover),
+    Handed(Box<Handover>),
 }
 
 /// A request waiting for its turn. Dropped before it got it (its request went away), it passes
@@ -196,7 +197,7 @@ impl Drop for Pending {
                 self.waiters.pass(&self.hash, None);
             }
             // Passed on, or released (by dropping it) if nobody waits any more.
-            Ok(Turn::Handed(handover)) => drop(self.waiters.pass(&self.hash, Some(handover))),
+            Ok(Turn::Handed(handover)) => drop(self.waiters.pass(&self.hash, Some(*handover))),
             Err(_) => {}
         }
     }
@@ -289,7 +290,7 @@ impl Waiting {
         };
         match turn {
             Some(Turn::Yours) => Ok((guard(self), None)),
-            Some(Turn::Handed(handover)) => Ok((guard(self), Some(handover))),
+            Some(Turn::Handed(handover)) => Ok((guard(self), Some(*handover))),
             None => Err(()),
         }
     }

@@ -521,9 +521,10 @@ impl Inner {
         number: u64,
     ) -> Result<(), BackendError> {
         if chain.outcome(number).is_none() {
-            self.chain_step(keys, token, chain, Step::Keep, None)
-                .await
-                .map_err(failure_error)?;
+            // What the step sent may be a later write than this caller's, whose failure does not
+            // undo a confirmation of this one that came meanwhile: the outcome recorded for this
+            // number decides (every failure is recorded there too).
+            let _ = self.chain_step(keys, token, chain, Step::Keep, None).await;
         }
         match chain.outcome(number) {
             Some(outcome) => outcome.map_err(failure_error),
@@ -712,7 +713,7 @@ impl Holding {
     /// [`Holding::start_release`], sending `own` (numbered in the lease's run) with the release
     /// where the lease is part of a run of hand-overs.
     fn end_with(&mut self, own: Option<Write>) -> Option<JoinHandle<()>> {
-        drop(self.watchdog.take());
+        let watch = self.watchdog.take();
         let turn = take_turn(&self.turn);
         if !std::mem::replace(&mut self.armed, false) {
             return None;
@@ -730,14 +731,17 @@ impl Holding {
         if let Some(chain) = self.chain.clone() {
             // The run's last write (if one is pending) goes with the release, after the script
             // on its way.
+            // Renewed until then: the step may wait behind a write on its way.
             return Some(runtime.spawn(async move {
                 let _sending = chain.sending.lock().await;
                 let _ = inner
                     .chain_step_locked(&keys, &token, &chain, Step::Release, own)
                     .await;
+                drop(watch);
                 drop(turn);
             }));
         }
+        drop(watch);
         let cancelled = !self.confirmed;
         Some(runtime.spawn(async move {
             inner.release(&keys, &token, cancelled).await;

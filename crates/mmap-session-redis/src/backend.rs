@@ -379,7 +379,7 @@ impl Inner {
             async move {
                 let _sending = chain.sending.lock().await;
                 inner
-                    .chain_step_locked(&keys, &token, &chain, step, own)
+                    .chain_step_locked(&keys, &token, &chain, step, chain.supersede(own))
                     .await
             }
         });
@@ -394,17 +394,17 @@ impl Inner {
         })
     }
 
-    /// [`Inner::chain_step`], with the run's sending lock held: sends the holder's `own` last
-    /// write (numbered by [`Chain::number_last`], in place of the queued one it holds the changes
-    /// of) or else the queued write. A step that ends the lease (`Release`, or
-    /// `KeepUnlessOthersWait` when it fails) releases it in any case.
+    /// [`Inner::chain_step`], with the run's sending lock held: sends `write` (taken by
+    /// [`Chain::next_to_send`] or [`Chain::supersede`]) as `step` says, and records its outcome.
+    /// A step that ends the lease (`Release`, or `KeepUnlessOthersWait` when it fails) releases
+    /// it in any case.
     async fn chain_step_locked(
         &self,
         keys: &SessionKeys,
         token: &str,
         chain: &Chain,
         step: Step,
-        own: Option<Write>,
+        write: Option<Write>,
     ) -> Result<After, Failure> {
         if let Some(failure) = chain.failure() {
             if step != Step::Keep {
@@ -412,8 +412,7 @@ impl Inner {
             }
             return Err(failure);
         }
-        let pending = chain.take_pending();
-        let Some(write) = own.or(pending) else {
+        let Some(write) = write else {
             // Sent (and confirmed) by an earlier step already.
             return match step {
                 Step::Release => {
@@ -511,31 +510,38 @@ impl Inner {
         Err(failure)
     }
 
-    /// Waits until write `number` of `chain` is confirmed (by itself or a later write of the run)
-    /// or has failed with the run, sending the pending write if nobody else does.
-    async fn flush_chain(
+    /// Queues a write (`record`, or `None` to delete the record) in `chain`, the run of
+    /// hand-overs of the lease of `token`, starting the task that sends the queued writes if
+    /// none runs; returns the write's number.
+    fn queue_write(
         self: &Arc<Self>,
         keys: &SessionKeys,
         token: &str,
         chain: &Arc<Chain>,
-        number: u64,
-    ) -> Result<(), BackendError> {
-        if chain.outcome(number).is_none() {
-            // What the step sent may be a later write than this caller's, whose failure does not
-            // undo a confirmation of this one that came meanwhile: the outcome recorded for this
-            // number decides (every failure is recorded there too).
-            let _ = self.chain_step(keys, token, chain, Step::Keep, None).await;
+        record: Option<(Vec<u8>, Duration)>,
+    ) -> u64 {
+        let (number, start) = chain.queue(record);
+        if start {
+            let inner = Arc::clone(self);
+            let keys = keys.clone();
+            let token = token.to_owned();
+            let chain = Arc::clone(chain);
+            tokio::spawn(async move {
+                // Ends when nothing is queued; what it sends records its outcome.
+                let mut unfinished = Unfinished(Some(&chain));
+                loop {
+                    let _sending = chain.sending.lock().await;
+                    let Some(write) = chain.next_to_send() else {
+                        break;
+                    };
+                    let _ = inner
+                        .chain_step_locked(&keys, &token, &chain, Step::Keep, Some(write))
+                        .await;
+                }
+                unfinished.0 = None;
+            });
         }
-        match chain.outcome(number) {
-            Some(outcome) => outcome.map_err(failure_error),
-            // Every step takes the pending write (ours or a later one) and records its outcome
-            // before it lets the next one go: after ours, it is known.
-            None => Err(RedisError::UnexpectedReply {
-                command: "commit and hand over",
-                reply: "no outcome recorded for the write".to_owned(),
-            }
-            .into()),
-        }
+        number
     }
 
     fn decode(&self, keys: &SessionKeys, stored: &[u8]) -> Option<StoredRecord> {
@@ -606,6 +612,23 @@ fn failure_error(failure: Failure) -> BackendError {
             reason,
         }
         .into(),
+    }
+}
+
+/// Fails the run of a task that sends its queued writes if the task ends before it is done
+/// (dropped with the runtime): no request waits for an outcome that would never come.
+struct Unfinished<'a>(Option<&'a Chain>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(chain) = self.0 {
+            chain.fail(Failure::Failed {
+                unavailable: false,
+                reason: "the task sending the session's writes ended early (the runtime is \
+                         shutting down)"
+                    .to_owned(),
+            });
+        }
     }
 }
 
@@ -735,7 +758,7 @@ impl Holding {
             return Some(runtime.spawn(async move {
                 let _sending = chain.sending.lock().await;
                 let _ = inner
-                    .chain_step_locked(&keys, &token, &chain, Step::Release, own)
+                    .chain_step_locked(&keys, &token, &chain, Step::Release, chain.supersede(own))
                     .await;
                 drop(watch);
                 drop(turn);
@@ -1263,12 +1286,11 @@ impl RedisLease {
         if self.lost.load(Ordering::SeqCst) {
             return Err(BackendError::LeaseLost);
         }
-        let number = chain.queue(record);
         let holding = &self.holding;
-        holding
+        let number = holding
             .inner
-            .flush_chain(&holding.keys, &holding.token, chain, number)
-            .await
+            .queue_write(&holding.keys, &holding.token, chain, record);
+        chain.settled(number).await.map_err(failure_error)
     }
 
     /// Writes `stored` and hands the lease to the next request of this process waiting for the
@@ -1291,7 +1313,10 @@ impl RedisLease {
         let chain = Arc::clone(holding.chain.get_or_insert_with(Arc::default));
         let record = Some((stored.clone(), ttl));
         let (number, own) = if pipelined {
-            (chain.queue(record), None)
+            (
+                inner.queue_write(&holding.keys, &holding.token, &chain, record),
+                None,
+            )
         } else {
             let own = chain.number_last(record);
             (own.number, Some(own))
@@ -1365,9 +1390,7 @@ impl RedisLease {
             }
             None => handover.release().await,
         }
-        inner
-            .flush_chain(&holding.keys, &holding.token, &chain, number)
-            .await
+        chain.settled(number).await.map_err(failure_error)
     }
 
     /// Ends a lease that is part of a run of hand-overs: queues `record` (`None`: delete the

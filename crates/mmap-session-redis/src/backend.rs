@@ -526,9 +526,11 @@ impl Inner {
             let keys = keys.clone();
             let token = token.to_owned();
             let chain = Arc::clone(chain);
+            // Made before the task: dropped unpolled (its runtime shutting down), the task drops
+            // it too, and the run fails instead of waiting for a sender that never runs.
+            let mut unfinished = Unfinished(Some(Arc::clone(&chain)));
             tokio::spawn(async move {
                 // Ends when nothing is queued; what it sends records its outcome.
-                let mut unfinished = Unfinished(Some(&chain));
                 loop {
                     let _sending = chain.sending.lock().await;
                     let Some(write) = chain.next_to_send() else {
@@ -616,12 +618,13 @@ fn failure_error(failure: Failure) -> BackendError {
 }
 
 /// Fails the run of a task that sends its queued writes if the task ends before it is done
-/// (dropped with the runtime): no request waits for an outcome that would never come.
-struct Unfinished<'a>(Option<&'a Chain>);
+/// (dropped with the runtime, started or not): no request waits for an outcome that would never
+/// come.
+struct Unfinished(Option<Arc<Chain>>);
 
-impl Drop for Unfinished<'_> {
+impl Drop for Unfinished {
     fn drop(&mut self) {
-        if let Some(chain) = self.0 {
+        if let Some(chain) = self.0.take() {
             chain.fail(Failure::Failed {
                 unavailable: false,
                 reason: "the task sending the session's writes ended early (the runtime is \

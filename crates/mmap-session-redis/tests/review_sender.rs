@@ -187,10 +187,10 @@ async fn requests_dropped_mid_run_leave_nothing_stuck_on_two_threads() {
 
 /// The task that sends a run's writes is spawned on the runtime of the request whose write found
 /// none running. If that runtime shuts down before the task is first polled, the task's future
-/// is dropped unresumed: its `Unfinished` guard, created inside the future, never exists, so the
-/// run is not failed, and `State::sender` stays `true` with no task. A later request of the run,
-/// on another runtime, queues a write, is told a sender runs (it does not start one) and waits in
-/// `settled` forever.
+/// is dropped unresumed. When its `Unfinished` guard was created inside the future, it never
+/// existed then, so the run was not failed, and `State::sender` stayed `true` with no task: a
+/// later request of the run, on another runtime, queued a write, was told a sender runs (it did
+/// not start one) and waited in `settled` for ever.
 ///
 /// Interleaving: R1 (test runtime) hands over to R2 (runtime A, in a thread of its own); R1's
 /// sender sends W1 and ends. R3 (test runtime) waits. R2 commits and hands over: W2 is queued
@@ -198,11 +198,8 @@ async fn requests_dropped_mid_run_leave_nothing_stuck_on_two_threads() {
 /// dropped before A runs anything else and A is dropped (its unpolled tasks with it). R3 then
 /// commits mid-request: W3 replaces W2, `queue` says a sender runs, and nobody ever sends it.
 ///
-/// Suggested fix: create the guard before the spawn and move it into the task (owning an
-/// `Arc<Chain>`), so that dropping the unresumed future drops it too and fails the run; better
-/// still, do not let a request depend on a task of another runtime (e.g. a request that waits in
-/// `settled` while its write is pending, with no task having taken it for long, sends it itself).
-#[ignore = "hole: a sender task dropped unpolled with its runtime leaves `sender` set; later writes of the run are never sent and their requests wait forever"]
+/// The guard is now made before the spawn and moved into the task, so dropping the unresumed
+/// future drops it too and fails the run: R3 gets an error instead of waiting for ever.
 #[tokio::test(flavor = "current_thread")]
 async fn a_sender_dropped_unpolled_with_its_runtime_does_not_strand_the_run() {
     bounded(LIMIT, async {

@@ -528,7 +528,7 @@ impl Inner {
             let chain = Arc::clone(chain);
             // Made before the task: dropped unpolled (its runtime shutting down), the task drops
             // it too, and the run fails instead of waiting for a sender that never runs.
-            let mut unfinished = Unfinished(Some(Arc::clone(&chain)));
+            let unfinished = Unfinished(Some(Arc::clone(&chain)));
             tokio::spawn(async move {
                 // Ends when nothing is queued; what it sends records its outcome.
                 loop {
@@ -540,7 +540,7 @@ impl Inner {
                         .chain_step_locked(&keys, &token, &chain, Step::Keep, Some(write))
                         .await;
                 }
-                unfinished.0 = None;
+                unfinished.finished();
             });
         }
         number
@@ -621,6 +621,13 @@ fn failure_error(failure: Failure) -> BackendError {
 /// (dropped with the runtime, started or not): no request waits for an outcome that would never
 /// come.
 struct Unfinished(Option<Arc<Chain>>);
+
+impl Unfinished {
+    /// The task is done: nothing to fail.
+    fn finished(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for Unfinished {
     fn drop(&mut self) {

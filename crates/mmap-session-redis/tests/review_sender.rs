@@ -250,7 +250,10 @@ async fn a_sender_dropped_unpolled_with_its_runtime_does_not_strand_the_run() {
         done_rx.await.unwrap();
         thread.join().unwrap();
         let mut r3 = r3.await.unwrap();
-        assert_eq!(load(&mut r3).await, 2);
+        // The run failed when the unpolled sender was dropped: if that came before R3's turn, R3
+        // was not handed the lease with W2 in it but took it from Redis, which holds W1.
+        let loaded = load(&mut r3).await;
+        assert!(loaded == 1 || loaded == 2, "R3 loaded {loaded}");
         let commit = tokio::time::timeout(Duration::from_secs(5), r3.commit(b"3", in_an_hour()))
             .await
             .expect("R3's mid-request write was never sent: it waits in `settled` forever");

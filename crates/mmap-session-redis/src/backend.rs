@@ -763,8 +763,7 @@ impl Holding {
         let token = self.token.clone();
         if let Some(chain) = self.chain.clone() {
             // The run's last write (if one is pending) goes with the release, after the script
-            // on its way.
-            // Renewed until then: the step may wait behind a write on its way.
+            // on its way; the lease is renewed until then.
             return Some(runtime.spawn(async move {
                 let _sending = chain.sending.lock().await;
                 let _ = inner

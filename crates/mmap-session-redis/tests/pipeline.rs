@@ -9,36 +9,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bounded, in_an_hour, soon};
+use common::{bounded, in_an_hour, set_up, soon};
 use mmap_session::{BackendError, BackendLease as _, SessionBackend as _};
 use mmap_session_redis::fault_proxy::{Fault, FaultProxy, RuleHandle};
-use mmap_session_redis::test_server::{script_sha1, RedisServer};
+use mmap_session_redis::test_server::script_sha1;
 use mmap_session_redis::RedisBackend;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// A backend through a proxy in front of a fresh server, with every script loaded (a first
-/// `EVALSHA` is answered `NOSCRIPT` and sent again, which would count twice).
-async fn set_up() -> (RedisServer, FaultProxy, RedisBackend) {
-    let server = RedisServer::start().unwrap();
-    let proxy = FaultProxy::start(server.port()).await.unwrap();
-    let backend = RedisBackend::connect(&proxy.url()).await.unwrap();
-    // A run of two requests, then a lone one: acquire, commit-and-keep, commit-and-release.
-    let first = backend.lease(b"warm-up", soon(1000)).await.unwrap();
-    let second = {
-        let backend = backend.clone();
-        tokio::spawn(async move {
-            let lease = backend.lease(b"warm-up", soon(5000)).await.unwrap();
-            lease.commit_and_release(b"2", in_an_hour()).await.unwrap();
-        })
-    };
-    tokio::task::yield_now().await;
-    first.commit_and_release(b"1", in_an_hour()).await.unwrap();
-    second.await.unwrap();
-    (server, proxy, backend)
-}
 
 /// Rules that count the commits of each kind (after any rule added before them).
 fn count_writes(proxy: &FaultProxy) -> [RuleHandle; 2] {
@@ -82,7 +61,7 @@ fn value(record: Option<mmap_session::StoredRecord>) -> Vec<u8> {
 #[tokio::test(flavor = "current_thread")]
 async fn the_next_request_starts_while_the_write_before_it_is_on_its_way() {
     bounded(LIMIT, async {
-        let (_server, proxy, backend) = set_up().await;
+        let (_server, proxy, backend) = set_up(|config| config).await;
         // The first write of the run is held on its way; every later one passes.
         let hold = proxy.on_script(Fault::Hold, 1, &script_sha1("commit_keep").unwrap());
         let writes = count_writes(&proxy);
@@ -128,7 +107,7 @@ async fn the_next_request_starts_while_the_write_before_it_is_on_its_way() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_write_that_fails_fails_every_request_that_started_from_it() {
     bounded(LIMIT, async {
-        let (server, proxy, backend) = set_up().await;
+        let (server, proxy, backend) = set_up(|config| config).await;
         let start = backend.lease(b"k", soon(1000)).await.unwrap();
         start.commit_and_release(b"10", in_an_hour()).await.unwrap();
         let hold = proxy.on_script(Fault::Hold, 1, &script_sha1("commit_keep").unwrap());
@@ -175,7 +154,7 @@ async fn a_write_that_fails_fails_every_request_that_started_from_it() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_request_that_goes_away_while_its_write_is_on_its_way_leaves_the_run_whole() {
     bounded(LIMIT, async {
-        let (_server, proxy, backend) = set_up().await;
+        let (_server, proxy, backend) = set_up(|config| config).await;
         let hold = proxy.on_script(Fault::Hold, 1, &script_sha1("commit_keep").unwrap());
         let first = backend.lease(b"k", soon(1000)).await.unwrap();
         let (sender, mut loaded) = mpsc::unbounded_channel();

@@ -15,11 +15,11 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{bounded, in_an_hour, soon};
+use common::{bounded, in_an_hour, set_up, soon};
 use mmap_session::{BackendError, BackendLease as _, SessionBackend as _};
 use mmap_session_redis::fault_proxy::{Fault, FaultProxy, RuleHandle};
 use mmap_session_redis::test_server::{script_sha1, RedisServer};
-use mmap_session_redis::{RedisBackend, RedisConfig, RedisLease};
+use mmap_session_redis::{RedisBackend, RedisLease};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -40,40 +40,6 @@ fn sha(name: &str) -> String {
 /// A rule on the next `times` runs of the script `name`.
 fn on(proxy: &FaultProxy, fault: Fault, times: usize, name: &str) -> RuleHandle {
     proxy.on_script(fault, times, &sha(name))
-}
-
-/// Runs every script the tests act on once (a first `EVALSHA` is answered `NOSCRIPT` and sent
-/// again, which a rule would count twice): commit, remove and release on a lone lease, then a
-/// run of two (acquire, commit-and-keep, commit-and-release).
-async fn warm_up(backend: &RedisBackend) {
-    let mut lease = backend.lease(b"warm-up", soon(5_000)).await.unwrap();
-    lease.commit(b"0", in_an_hour()).await.unwrap();
-    lease.remove().await.unwrap();
-    lease.release().await;
-    let first = backend.lease(b"warm-up", soon(5_000)).await.unwrap();
-    let second = {
-        let backend = backend.clone();
-        tokio::spawn(async move {
-            let lease = backend.lease(b"warm-up", soon(5_000)).await.unwrap();
-            lease.commit_and_release(b"2", in_an_hour()).await.unwrap();
-        })
-    };
-    tokio::task::yield_now().await;
-    first.commit_and_release(b"1", in_an_hour()).await.unwrap();
-    second.await.unwrap();
-}
-
-/// A fresh server, a proxy in front of it and a backend through the proxy, configured by
-/// `config`, with the scripts loaded.
-async fn set_up(config: fn(RedisConfig) -> RedisConfig) -> (RedisServer, FaultProxy, RedisBackend) {
-    let server = RedisServer::start().unwrap();
-    let proxy = FaultProxy::start(server.port()).await.unwrap();
-    let backend = config(RedisConfig::new(proxy.url()))
-        .connect()
-        .await
-        .unwrap();
-    warm_up(&backend).await;
-    (server, proxy, backend)
 }
 
 /// How many scripts Redis ran (`INFO commandstats`).

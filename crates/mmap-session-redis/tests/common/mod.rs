@@ -6,8 +6,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::routing::get;
 use axum::Router;
+use mmap_session::{BackendLease as _, SessionBackend as _};
 use mmap_session::{ReadOnlySession, Session, SessionError, SessionLayer};
-use mmap_session_redis::RedisBackend;
+use mmap_session_redis::fault_proxy::FaultProxy;
+use mmap_session_redis::test_server::RedisServer;
+use mmap_session_redis::{RedisBackend, RedisConfig};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -84,4 +87,40 @@ pub async fn request(port: u16, path: &str, cookie: Option<&str>) -> Reply {
         body: body.to_owned(),
         cookie,
     }
+}
+
+/// Runs every script the tests act on once (a first `EVALSHA` is answered `NOSCRIPT` and sent
+/// again, which a rule would count twice): commit, remove and release on a lone lease, then a
+/// run of two (acquire, commit-and-keep, commit-and-release).
+pub async fn warm_up(backend: &RedisBackend) {
+    let mut lease = backend.lease(b"warm-up", soon(5_000)).await.unwrap();
+    lease.commit(b"0", in_an_hour()).await.unwrap();
+    lease.remove().await.unwrap();
+    lease.release().await;
+    let first = backend.lease(b"warm-up", soon(5_000)).await.unwrap();
+    let second = {
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            let lease = backend.lease(b"warm-up", soon(5_000)).await.unwrap();
+            lease.commit_and_release(b"2", in_an_hour()).await.unwrap();
+        })
+    };
+    tokio::task::yield_now().await;
+    first.commit_and_release(b"1", in_an_hour()).await.unwrap();
+    second.await.unwrap();
+}
+
+/// A fresh server, a proxy in front of it and a backend through the proxy, configured by
+/// `config`, with the scripts loaded.
+pub async fn set_up(
+    config: fn(RedisConfig) -> RedisConfig,
+) -> (RedisServer, FaultProxy, RedisBackend) {
+    let server = RedisServer::start().unwrap();
+    let proxy = FaultProxy::start(server.port()).await.unwrap();
+    let backend = config(RedisConfig::new(proxy.url()))
+        .connect()
+        .await
+        .unwrap();
+    warm_up(&backend).await;
+    (server, proxy, backend)
 }

@@ -142,23 +142,33 @@ pub trait SessionBackend: Send + Sync + 'static {
         expires_at: SystemTime,
         deadline: Instant,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
-        async move {
-            let mut lease = self.lease(key, deadline).await?;
-            match lease.load().await {
-                Ok(None) => {}
-                Ok(Some(_)) => {
-                    lease.release().await;
-                    return Ok(false);
-                }
-                Err(error) => {
-                    lease.release().await;
-                    return Err(error);
-                }
-            }
-            lease.commit_and_release(value, expires_at).await?;
-            Ok(true)
+        insert_under_lease(self, key, value, expires_at, deadline)
+    }
+}
+
+/// [`SessionBackend::insert_new`] by the default way: under the key's lease, if it holds no
+/// record.
+async fn insert_under_lease<B: SessionBackend + ?Sized>(
+    backend: &B,
+    key: &[u8],
+    value: &[u8],
+    expires_at: SystemTime,
+    deadline: Instant,
+) -> Result<bool, BackendError> {
+    let mut lease = backend.lease(key, deadline).await?;
+    match lease.load().await {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            lease.release().await;
+            return Ok(false);
+        }
+        Err(error) => {
+            lease.release().await;
+            return Err(error);
         }
     }
+    lease.commit_and_release(value, expires_at).await?;
+    Ok(true)
 }
 
 /// A held busy lease on one key.
@@ -324,22 +334,7 @@ impl LayerBackend {
         deadline: Instant,
     ) -> Result<bool, BackendError> {
         match self {
-            Self::File(_) => {
-                let mut lease = self.lease(key, deadline).await?;
-                match lease.load().await {
-                    Ok(None) => {}
-                    Ok(Some(_)) => {
-                        lease.release().await;
-                        return Ok(false);
-                    }
-                    Err(error) => {
-                        lease.release().await;
-                        return Err(error);
-                    }
-                }
-                lease.commit_and_release(value, expires_at).await?;
-                Ok(true)
-            }
+            Self::File(store) => insert_under_lease(store, key, value, expires_at, deadline).await,
             Self::Other(backend) => {
                 backend
                     .insert_new_dyn(key, value, expires_at, deadline)

@@ -12,13 +12,19 @@
 //!   the last committed state without waiting for the session, and sets no cookie.
 //! - `POST /logout`: deletes the session and expires the cookie.
 //!
+//! `--hold-ms N` makes `GET /` keep the session for N milliseconds between reading and writing the
+//! count, as a handler doing work of its own would (the kill tests use it so that a kill lands while
+//! a process holds the session).
+//!
 //! `--insecure-cookies` drops the cookie's `Secure` attribute so that it is kept over plain http;
 //! `--lease-wait-ms` and `--lease-timeout-ms` tune how long a busy session is waited for and how long
 //! a live holder may keep it. SIGTERM or Ctrl-C stops the server gracefully.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use axum::http::StatusCode;
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
@@ -38,6 +44,9 @@ const COUNT: &str = "count";
 struct Cli {
     #[command(flatten)]
     server: common::ServerArgs,
+    /// Milliseconds `GET /` holds the session between reading and writing the count.
+    #[arg(long, default_value_t = 0)]
+    hold_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -59,9 +68,19 @@ async fn health() -> &'static str {
     "ok"
 }
 
+/// How long `GET /` holds the session between its read and its write (`--hold-ms`).
+#[derive(Clone, Copy)]
+struct Hold(Duration);
+
 /// Read, add one, write: the session's lease makes this atomic across every process.
-async fn increment(session: Session) -> Result<Json<Count>, SessionError> {
+async fn increment(
+    State(Hold(hold)): State<Hold>,
+    session: Session,
+) -> Result<Json<Count>, SessionError> {
     let count = session.get::<u64>(COUNT).await?.unwrap_or(0) + 1;
+    if !hold.is_zero() {
+        tokio::time::sleep(hold).await;
+    }
     session.insert(COUNT, count).await?;
     Ok(Count::here(count))
 }
@@ -75,12 +94,13 @@ async fn logout(session: Session) -> Result<StatusCode, SessionError> {
     Ok(StatusCode::OK)
 }
 
-fn app() -> Router {
+fn app(hold: Hold) -> Router {
     Router::new()
         .route("/", get(increment))
         .route("/peek", get(peek))
         .route("/logout", post(logout))
         .route("/health", get(health))
+        .with_state(hold)
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -90,7 +110,8 @@ async fn main() -> ExitCode {
     let result = async {
         let layer = common::session_layer(&cli.server).await?;
         let listener = common::bind(&cli.server)?;
-        common::serve(listener, app().layer(layer)).await?;
+        let hold = Hold(Duration::from_millis(cli.hold_ms));
+        common::serve(listener, app(hold).layer(layer)).await?;
         Ok::<_, Box<dyn std::error::Error>>(())
     }
     .await;

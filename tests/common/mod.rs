@@ -644,6 +644,17 @@ pub(crate) struct Cluster {
     dir: tempfile::TempDir,
 }
 
+impl Drop for Cluster {
+    /// A failed test keeps its directory (the session file, nginx's and every process's log,
+    /// killed ones included) for a post-mortem, and says where it is.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept the failed cluster's files in {}", self.dir.path().display());
+        }
+    }
+}
+
 impl Cluster {
     /// Starts `copies` copies of the example `name` (with `--insecure-cookies` and `extra_args`)
     /// and nginx in front of them, and waits until all answer.

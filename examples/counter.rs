@@ -23,8 +23,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;

@@ -258,6 +258,26 @@ async fn sixteen_clients_sharing_one_cookie_lose_no_increment(sessions: Sessions
     .await;
 }
 
+/// The five counts answered most often, each with how often and by which processes: what a
+/// failed run of the kill test reports (a lost session shows as one count answered many times).
+fn most_repeated(ok: &[(u64, u32)]) -> Vec<(u64, usize, BTreeSet<u32>)> {
+    let mut by_count: std::collections::BTreeMap<u64, (usize, BTreeSet<u32>)> =
+        std::collections::BTreeMap::new();
+    for &(count, pid) in ok {
+        let entry = by_count.entry(count).or_default();
+        entry.0 += 1;
+        entry.1.insert(pid);
+    }
+    let mut repeated: Vec<(u64, usize, BTreeSet<u32>)> = by_count
+        .into_iter()
+        .filter(|(_, (times, _))| *times > 1)
+        .map(|(count, (times, pids))| (count, times, pids))
+        .collect();
+    repeated.sort_by_key(|r| std::cmp::Reverse(r.1));
+    repeated.truncate(5);
+    repeated
+}
+
 /// What the load clients saw.
 #[derive(Default)]
 struct Seen {
@@ -355,7 +375,13 @@ async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged(sessions:
         assert_eq!(
             unique.len(),
             counts.len(),
-            "two 200 answers carried the same count: an acknowledged increment was lost"
+            "two 200 answers carried the same count: an acknowledged increment was lost. \
+             {} answers, {} distinct counts; the most repeated (count, times, answering pids): \
+             {:?}; restarted pids in order: {:?}",
+            counts.len(),
+            unique.len(),
+            most_repeated(&seen.ok),
+            restarted_pids
         );
         let max_seen = unique.last().copied().unwrap_or(base);
         let reply = peek(&cluster, Some(&cookie)).await;

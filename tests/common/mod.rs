@@ -650,7 +650,10 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.dir.disable_cleanup(true);
-            eprintln!("kept the failed cluster's files in {}", self.dir.path().display());
+            eprintln!(
+                "kept the failed cluster's files in {}",
+                self.dir.path().display()
+            );
         }
     }
 }

@@ -64,6 +64,7 @@ impl Child {
 
     /// Starts a child that has opened nothing yet.
     pub fn spawn() -> Child {
+        let starting = STARTING.read().unwrap_or_else(|p| p.into_inner());
         let mut process = Command::new(child_exe())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -81,11 +82,16 @@ impl Child {
                 }
             }
         });
-        Child {
+        let mut child = Child {
             process,
             stdin,
             lines,
-        }
+        };
+        // `spawn` returns once the exec has begun, but the kernel closes the copied files a
+        // little later in it: only a word from the running child proves they are gone.
+        child.expect("@ready");
+        drop(starting);
+        child
     }
 
     /// Sends one command line.
@@ -201,6 +207,21 @@ pub fn padded(text: &str, pad: usize) -> String {
 pub fn unpad(value: &[u8]) -> String {
     let text = String::from_utf8_lossy(value);
     text.split('|').next().unwrap_or("").to_owned()
+}
+
+/// Held (shared) by every start of a child process. Between its fork and its exec a child has a
+/// copy of every file descriptor of this process, and with them the store's OFD locks: a store
+/// this process closed meanwhile still counts as open, so an open that should find the file
+/// unused (and recover it) would find it in use. The exec drops those copies, and the child's
+/// first line says it has run.
+static STARTING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Keeps this test process from starting a child process while the guard lives, so that a
+/// store it has closed is really closed: take it before an open that must be alone (a solo
+/// open, which recovers what dead processes left), or before a child opens a file this
+/// process just closed and must find it unused. See `STARTING`.
+pub fn no_child_starts() -> std::sync::RwLockWriteGuard<'static, ()> {
+    STARTING.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Failpoints are process-wide: a test that configures one stops the first thread of any test

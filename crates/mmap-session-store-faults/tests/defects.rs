@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mmap_session_store::{OpenError, Options, Store, StoreError};
 use mmap_session_store_faults::{
-    later, lease_and_commit, options, serial, stop_once, value, Child,
+    later, lease_and_commit, no_child_starts, options, serial, stop_once, value, Child,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -29,7 +29,9 @@ fn until_expired(store: &Store, key: &str) {
 }
 
 fn assert_clean_after_solo_reopen(path: &std::path::Path, expect: &[(&str, &str)]) {
+    let quiet = no_child_starts();
     let store = Store::open_with(path, options(LONG)).unwrap();
+    drop(quiet);
     let report = store.verify();
     assert!(report.is_clean(), "verify: {:?}", report.problems);
     assert_eq!(report.leaked_blocks, 0, "leaked blocks: {report:?}");

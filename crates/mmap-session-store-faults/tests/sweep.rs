@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mmap_session_store::{Lease, Options, Store};
-use mmap_session_store_faults::{later, lease_and_commit, options, value, Child};
+use mmap_session_store_faults::{later, lease_and_commit, no_child_starts, options, value, Child};
 
 /// A killed holder must be taken over long before this: only the kernel's word that it died
 /// can get a waiter there in time.
@@ -183,6 +183,7 @@ fn sweep(failpoint: &str, scenario: Scenario, fault: Fault) {
         0
     };
     let rmw = format!("rmw k v1 {child_pad}");
+    let mut quiet = None;
     match scenario {
         Scenario::Commit | Scenario::Wait | Scenario::TakeOver | Scenario::ReclaimSlot => {
             let store = run.open();
@@ -253,6 +254,7 @@ fn sweep(failpoint: &str, scenario: Scenario, fault: Fault) {
             run.commit(&store, "k", &[None], "a");
             let mut holder = Child::open(&run.path, LONG);
             holder.ask("hold k", "@held");
+            quiet = Some(no_child_starts()); // until the child has opened the file alone
             drop(store); // the child must find the file unused by anyone
             holder.kill();
         }
@@ -281,6 +283,7 @@ fn sweep(failpoint: &str, scenario: Scenario, fault: Fault) {
         }
     }
     child.wait_at(failpoint);
+    drop(quiet);
     let mut child = match fault {
         Fault::Kill => {
             child.kill();
@@ -377,7 +380,9 @@ fn sweep(failpoint: &str, scenario: Scenario, fault: Fault) {
     drop(new);
 
     // Alone: recovery repairs what a kill left; the file must verify clean, nothing leaked.
+    let quiet = no_child_starts();
     let alone = Store::open_with(&run.path, unclaim_options()).unwrap();
+    drop(quiet);
     let report = alone.verify();
     assert!(report.is_clean(), "verify: {:?}", report.problems);
     assert_eq!(report.leaked_blocks, 0, "leaked: {report:?}");

@@ -84,6 +84,11 @@ struct Worker {
     reader: std::thread::JoinHandle<()>,
 }
 
+/// Held (shared) while a child starts: between its fork and its exec it holds copies of this
+/// process's files and their OFD locks, so a store closed meanwhile would still count as open
+/// to a solo reopen that must recover. Taken exclusively around such a reopen.
+static STARTING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// This test binary, run as a child on the store at `path` (see `child_process_entry`).
 fn child(path: &Path) -> Command {
     let mut command = Command::new(std::env::current_exe().unwrap());
@@ -101,6 +106,7 @@ fn child(path: &Path) -> Command {
 
 /// Starts a child; each acknowledged increment is sent on `acks` as the key number.
 fn spawn(path: &Path, rounds: u64, seed: u64, acks: mpsc::Sender<u64>) -> Worker {
+    let starting = STARTING.read().unwrap();
     let mut child = child(path)
         .env("ROUNDS", rounds.to_string())
         .env("SEED", seed.to_string())
@@ -108,6 +114,7 @@ fn spawn(path: &Path, rounds: u64, seed: u64, acks: mpsc::Sender<u64>) -> Worker
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    drop(starting);
     let stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -250,7 +257,9 @@ fn processes_killed_at_random_moments_lose_nothing_acknowledged_and_leave_no_stu
 
     // Alone again, the next open recovers the space leaked by the kills.
     drop(store);
+    let quiet = STARTING.write().unwrap();
     let store = Store::open(&path).unwrap();
+    drop(quiet);
     let report = store.verify();
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(report.leaked_blocks, 0);
@@ -300,12 +309,14 @@ fn a_lease_left_by_a_dead_process_is_taken_over_even_when_its_slot_is_reused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     let first = Store::open_with(&path, options()).unwrap();
+    let starting = STARTING.read().unwrap();
     let mut child = child(&path)
         .env("HOLD_KEY", "held-by-the-dead")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    drop(starting);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert!(
         lines.any(|l| l.is_ok_and(|l| l.contains("@held"))),

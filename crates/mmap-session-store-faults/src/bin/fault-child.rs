@@ -24,6 +24,9 @@ fn read_line() -> Option<String> {
 }
 
 fn main() {
+    // Running: the exec that started us has closed every file of the test process we were a
+    // copy of (see `Child::spawn`).
+    say("@ready");
     let mut store: Option<Store> = None;
     let mut held: Vec<Lease> = Vec::new();
     while let Some(line) = read_line() {

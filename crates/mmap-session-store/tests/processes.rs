@@ -84,9 +84,10 @@ struct Worker {
     reader: std::thread::JoinHandle<()>,
 }
 
-/// Held (shared) while a child starts: between its fork and its exec it holds copies of this
-/// process's files and their OFD locks, so a store closed meanwhile would still count as open
-/// to a solo reopen that must recover. Taken exclusively around such a reopen.
+/// Held (shared) while a child starts: from its fork until well into its exec (past `spawn`'s
+/// return) it holds copies of this process's files and their OFD locks, so a store closed
+/// meanwhile would still count as open to a solo reopen that must recover. A child counts as
+/// started once it has printed a line. Taken exclusively around such a reopen.
 static STARTING: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// This test binary, run as a child on the store at `path` (see `child_process_entry`).
@@ -114,10 +115,11 @@ fn spawn(path: &Path, rounds: u64, seed: u64, acks: mpsc::Sender<u64>) -> Worker
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    drop(starting);
     let stdout = child.stdout.take().unwrap();
+    let (running_tx, running) = mpsc::channel::<()>();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
+            let _ = running_tx.send(());
             let Ok(line) = line else { break };
             // libtest may print its own text on the same line before ours.
             if let Some((_, k)) = line.split_once("@ack ") {
@@ -125,6 +127,9 @@ fn spawn(path: &Path, rounds: u64, seed: u64, acks: mpsc::Sender<u64>) -> Worker
             }
         }
     });
+    // libtest's first line: the child runs, so the exec has closed its copies of our files.
+    let _ = running.recv_timeout(Duration::from_secs(20));
+    drop(starting);
     Worker { child, reader }
 }
 
@@ -316,8 +321,9 @@ fn a_lease_left_by_a_dead_process_is_taken_over_even_when_its_slot_is_reused() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    drop(starting);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let _ = lines.next(); // libtest's first line: the child runs (see `STARTING`)
+    drop(starting);
     assert!(
         lines.any(|l| l.is_ok_and(|l| l.contains("@held"))),
         "the child never took the lease"

@@ -5,7 +5,7 @@ use std::pin::pin;
 use std::sync::{Arc, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use fred::interfaces::ClientLike as _;
 use fred::prelude::{Builder, Config, ReconnectPolicy, Value};
@@ -98,6 +98,8 @@ struct Inner {
     /// The connection, subscription and dispatch tasks, stopped when the last clone goes.
     tasks: Vec<AbortHandle>,
     url: String,
+    /// Tasks sending the queued writes of a run of hand-overs that have not ended yet.
+    senders: Arc<AtomicUsize>,
 }
 
 impl Drop for Inner {
@@ -208,6 +210,7 @@ impl RedisBackend {
                     max_value_len: config.max_value_len,
                     tasks,
                     url: config.url,
+                    senders: Arc::new(AtomicUsize::new(0)),
                 }
             }),
         })
@@ -216,6 +219,24 @@ impl RedisBackend {
     /// The prefix of every key this backend writes.
     pub fn key_prefix(&self) -> &str {
         &self.inner.prefix
+    }
+
+    /// Test hook: how many requests of this process wait for their turn at `key`'s session
+    /// behind another request of this process. Lets a test wait until a request has lined up,
+    /// instead of sleeping.
+    #[cfg(feature = "test-server")]
+    #[doc(hidden)]
+    pub fn requests_waiting_for_turn(&self, key: &[u8]) -> usize {
+        let keys = SessionKeys::new(&self.inner.prefix, key);
+        self.inner.waiters.queued(&keys.hash)
+    }
+
+    /// Test hook: how many tasks sending the queued writes of a run of hand-overs have not
+    /// ended yet.
+    #[cfg(feature = "test-server")]
+    #[doc(hidden)]
+    pub fn write_senders_running(&self) -> usize {
+        self.inner.senders.load(Ordering::SeqCst)
     }
 }
 
@@ -528,7 +549,7 @@ impl Inner {
             let chain = Arc::clone(chain);
             // Made before the task: dropped unpolled (its runtime shutting down), the task drops
             // it too, and the run fails instead of waiting for a sender that never runs.
-            let unfinished = Unfinished(Some(Arc::clone(&chain)));
+            let unfinished = Unfinished::new(&chain, &self.senders);
             tokio::spawn(async move {
                 // Ends when nothing is queued; what it sends records its outcome.
                 loop {
@@ -620,18 +641,31 @@ fn failure_error(failure: Failure) -> BackendError {
 /// Fails the run of a task that sends its queued writes if the task ends before it is done
 /// (dropped with the runtime, started or not): no request waits for an outcome that would never
 /// come.
-struct Unfinished(Option<Arc<Chain>>);
+struct Unfinished {
+    chain: Option<Arc<Chain>>,
+    /// The backend's count of sender tasks not ended, which this one is part of until dropped.
+    senders: Arc<AtomicUsize>,
+}
 
 impl Unfinished {
+    fn new(chain: &Arc<Chain>, senders: &Arc<AtomicUsize>) -> Self {
+        senders.fetch_add(1, Ordering::SeqCst);
+        Self {
+            chain: Some(Arc::clone(chain)),
+            senders: Arc::clone(senders),
+        }
+    }
+
     /// The task is done: nothing to fail.
     fn finished(mut self) {
-        self.0 = None;
+        self.chain = None;
     }
 }
 
 impl Drop for Unfinished {
     fn drop(&mut self) {
-        if let Some(chain) = self.0.take() {
+        self.senders.fetch_sub(1, Ordering::SeqCst);
+        if let Some(chain) = self.chain.take() {
             chain.fail(Failure::Failed {
                 unavailable: false,
                 reason: "the task sending the session's writes ended early (the runtime is \

@@ -119,6 +119,19 @@ impl Waiters {
         }
     }
 
+    /// How many requests of this process wait for their turn at `hash`.
+    #[cfg(feature = "test-server")]
+    pub(crate) fn queued(&self, hash: &str) -> usize {
+        let map = self.by_hash.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(hash).map_or(0, |entry| {
+            entry
+                .queue
+                .iter()
+                .filter(|waiter| !waiter.is_closed())
+                .count()
+        })
+    }
+
     /// Whether a request of this process waits for its turn at `hash`.
     pub(crate) fn has_queued(&self, hash: &str) -> bool {
         let map = self.by_hash.lock().unwrap_or_else(PoisonError::into_inner);

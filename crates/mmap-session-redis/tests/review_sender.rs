@@ -23,6 +23,19 @@ const LIMIT: Duration = Duration::from_secs(120);
 const REQUEST_BOUND: Duration = Duration::from_secs(30);
 
 /// The counter under `lease` (0 when absent).
+/// Waits until `done` says so (checked every millisecond, for 10 s at most): an ordering of
+/// requests the test needs, waited for rather than slept for.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let limit = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < limit,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 async fn load(lease: &mut RedisLease) -> u64 {
     match lease.load().await.unwrap() {
         Some(record) => String::from_utf8(record.value).unwrap().parse().unwrap(),
@@ -234,18 +247,25 @@ async fn a_sender_dropped_unpolled_with_its_runtime_does_not_strand_the_run() {
                 done_tx.send(()).unwrap();
             })
         };
-        // R2 waits for its turn behind R1.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        until("R2 waits for its turn behind R1", || {
+            backend.requests_waiting_for_turn(b"k") == 1
+        })
+        .await;
         r1.commit_and_release(b"1", in_an_hour()).await.unwrap();
         got_rx.await.unwrap();
-        // R1's sender ends (nothing more queued).
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until(
+            "R1's sender has sent W1 and ended (nothing more queued)",
+            || backend.write_senders_running() == 0,
+        )
+        .await;
         let r3 = {
             let backend = backend.clone();
             tokio::spawn(async move { backend.lease(b"k", soon(10_000)).await.unwrap() })
         };
-        // R3 waits for its turn behind R2.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until("R3 waits for its turn behind R2", || {
+            backend.requests_waiting_for_turn(b"k") == 1
+        })
+        .await;
         go_tx.send(()).unwrap();
         done_rx.await.unwrap();
         thread.join().unwrap();

@@ -287,15 +287,33 @@ struct Seen {
     failed: Vec<String>,
 }
 
+/// Each request holds the session for 2 ms, so that the session is held nearly all the time and
+/// a kill hits its holder about once in three rounds; the kills go on until one has.
 async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged(sessions: Sessions) {
+    killed_under_load(sessions, Some(2), 5).await;
+}
+
+/// Requests as fast as they come (a lease held for microseconds of each, handed over within a
+/// process): fifteen kills at random moments, whatever they hit.
+async fn processes_killed_between_fast_requests_lose_nothing_that_was_acknowledged(
+    sessions: Sessions,
+) {
+    killed_under_load(sessions, None, 15).await;
+}
+
+/// Eight clients count on one session through nginx while processes are SIGKILLed and restarted
+/// at random moments, `rounds` times at least; with `hold_ms`, until a kill has hit the holder
+/// of the session's lease too. No acknowledged increment may be lost.
+async fn killed_under_load(sessions: Sessions, hold_ms: Option<u64>, rounds: usize) {
     const CLIENTS: usize = 8;
-    const MIN_ROUNDS: usize = 5;
     const MAX_ROUNDS: usize = 100;
     bounded(Duration::from_secs(240), async {
-        // Each request holds the session for 2 ms, so that the session is held nearly all the
-        // time and a kill hits its holder about once in three rounds (without the hold, the
-        // lease is held for microseconds of each request and a hundred kills could miss it).
-        let mut cluster = start_with(sessions, &["--hold-ms", "2"]).await;
+        let hold = hold_ms.map(|ms| ms.to_string());
+        let args: Vec<&str> = match &hold {
+            Some(ms) => vec!["--hold-ms", ms.as_str()],
+            None => vec![],
+        };
+        let mut cluster = start_with(sessions, &args).await;
         let mut chance = Chance::from_clock();
         eprintln!("kill schedule seed: {}", chance.seed());
         let mut cookie = None;
@@ -333,12 +351,13 @@ async fn a_process_killed_mid_load_loses_nothing_that_was_acknowledged(sessions:
             }));
         }
 
-        // Kill at random moments until at least MIN_ROUNDS kills have happened and at least one of
-        // them hit a process while it held the session's lease (the survivors log the take-over).
+        // Kill at random moments until at least `rounds` kills have happened and, with a hold,
+        // at least one of them hit a process while it held the session's lease (the survivors,
+        // or the restart, log the take-over).
         let mut restarted_pids = Vec::new();
         let mut progress_rx = progress_rx;
         let mut round = 0;
-        while round < MIN_ROUNDS || takeovers(&cluster, sessions) == 0 {
+        while round < rounds || (hold_ms.is_some() && takeovers(&cluster, sessions) == 0) {
             assert!(
                 round < MAX_ROUNDS,
                 "{MAX_ROUNDS} kills and none hit a process holding the lease"
@@ -487,5 +506,6 @@ on_file_and_redis! {
     one_client_is_counted_without_gaps_by_all_three_processes,
     sixteen_clients_sharing_one_cookie_lose_no_increment,
     a_process_killed_mid_load_loses_nothing_that_was_acknowledged,
+    processes_killed_between_fast_requests_lose_nothing_that_was_acknowledged,
     sessions_survive_a_restart_of_every_process,
 }

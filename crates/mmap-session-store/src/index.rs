@@ -203,19 +203,33 @@ impl Shared {
     /// record, or the lease is no longer ours.
     pub(crate) fn give_up_key(&self, state_off: u64, token: u32) -> bool {
         let tag_off = state_off - E_STATE + E_TAG;
-        match self.map.load_u64(state_off, Ordering::Acquire) {
-            Some(st) if holder(st) == token && state_block(st) == 0 => {}
-            _ => return false,
+        if !self.holds_without_record(state_off, token) {
+            return false;
         }
+        failpoint!("index.give_up.checked");
         let Some(tag) = self.map.load_u64(tag_off, Ordering::Acquire) else {
             return false;
         };
         // Only a key's tag is given up; only the lease holder of a keyed entry changes it.
-        let given_up = tag & 3 == 2 && self.map.cas_u64(tag_off, tag, TAG_VACATED).is_ok();
-        if given_up {
-            failpoint!("index.key_given_up");
+        if tag & 3 != 2 || self.map.cas_u64(tag_off, tag, TAG_VACATED).is_err() {
+            return false;
         }
-        given_up
+        failpoint!("index.key_given_up");
+        // The check and the swap are two steps. A holder stopped between them for longer than
+        // the lease timeout was deposed, and its successor may have committed a record under
+        // the key meanwhile: it puts the key back (FORMAT.md, "Giving a key up").
+        if self.holds_without_record(state_off, token) {
+            return true;
+        }
+        let _ = self.map.cas_u64(tag_off, TAG_VACATED, tag);
+        false
+    }
+
+    /// Whether `token` holds the lease at `state_off` and the entry has no record.
+    fn holds_without_record(&self, state_off: u64, token: u32) -> bool {
+        self.map
+            .load_u64(state_off, Ordering::Acquire)
+            .is_some_and(|st| holder(st) == token && state_block(st) == 0)
     }
 }
 

@@ -285,13 +285,21 @@ impl Shard {
         let s = self.word[pos].load(Ordering::Acquire);
         if holder(s) == token && block_of(s) == 0 {
             let tag = self.tag[pos].load(Ordering::Acquire);
-            if tag & 3 == 2 {
-                let _ = self.tag[pos].compare_exchange(
-                    tag,
-                    VACATED,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+            if tag & 3 == 2
+                && self.tag[pos]
+                    .compare_exchange(tag, VACATED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                // Checked again: a holder deposed meanwhile puts the key back.
+                let s = self.word[pos].load(Ordering::Acquire);
+                if holder(s) != token || block_of(s) != 0 {
+                    let _ = self.tag[pos].compare_exchange(
+                        VACATED,
+                        tag,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
             }
         }
         self.release(pos, token);

@@ -8,38 +8,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bounded, in_an_hour, soon};
+use common::{bounded, in_an_hour, set_up, soon};
 use mmap_session::{BackendError, BackendLease as _, SessionBackend as _};
-use mmap_session_redis::fault_proxy::{Fault, FaultProxy};
-use mmap_session_redis::test_server::{script_sha1, RedisServer};
-use mmap_session_redis::{RedisBackend, RedisConfig};
+use mmap_session_redis::fault_proxy::Fault;
+use mmap_session_redis::test_server::script_sha1;
+use mmap_session_redis::RedisBackend;
 
 /// How long any one test of this file may take.
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn sha(script: &str) -> String {
     script_sha1(script).expect("a script of the backend")
-}
-
-/// A server of the test's own, a proxy in front of it, and a backend through the proxy whose
-/// scripts are loaded (the first `EVALSHA` of each script is refused with `NOSCRIPT`, which these
-/// tests are not about).
-async fn start(
-    config: impl FnOnce(RedisConfig) -> RedisConfig,
-) -> (RedisServer, FaultProxy, RedisBackend) {
-    let server = RedisServer::start().unwrap();
-    let proxy = FaultProxy::start(server.port()).await.unwrap();
-    let backend = config(RedisConfig::new(proxy.url()))
-        .connect()
-        .await
-        .unwrap();
-    let mut lease = backend.lease(b"warm-up", soon(5000)).await.unwrap();
-    lease.commit(b"w", in_an_hour()).await.unwrap();
-    lease.remove().await.unwrap();
-    lease.release().await;
-    let lease = backend.lease(b"warm-up", soon(5000)).await.unwrap();
-    lease.remove_and_release().await.unwrap();
-    (server, proxy, backend)
 }
 
 /// The lease of `key` is free: taken at once (well before a lease TTL could run out).
@@ -52,7 +31,7 @@ async fn assert_free(backend: &RedisBackend, key: &[u8]) {
 #[tokio::test]
 async fn an_acquire_whose_reply_was_lost_is_taken_when_the_client_sends_it_again() {
     bounded(LIMIT, async {
-        let (_server, proxy, backend) = start(|config| config).await;
+        let (_server, proxy, backend) = set_up(|config| config).await;
         let lost = proxy.on_script(Fault::DropReply, 1, &sha("acquire"));
         // The acquire runs, its reply is lost with the connection, and the client sends it again:
         // the second run must find the lease its own, not held by someone to wait for.
@@ -72,7 +51,7 @@ async fn an_acquire_whose_reply_was_lost_is_taken_when_the_client_sends_it_again
 #[tokio::test]
 async fn an_insert_whose_reply_was_lost_is_answered_written_when_the_client_sends_it_again() {
     bounded(LIMIT, async {
-        let (_server, proxy, backend) = start(|config| config).await;
+        let (_server, proxy, backend) = set_up(|config| config).await;
         // Loaded first, so that the faulty run is the script's and not a NOSCRIPT refusal.
         assert!(backend
             .insert_new(b"other", b"o", in_an_hour(), soon(1000))
@@ -109,7 +88,7 @@ async fn an_insert_whose_reply_was_lost_is_answered_written_when_the_client_send
 #[tokio::test]
 async fn an_acquire_cut_off_mid_script_is_taken_when_the_client_sends_it_again() {
     bounded(LIMIT, async {
-        let (_server, proxy, backend) = start(|config| config).await;
+        let (_server, proxy, backend) = set_up(|config| config).await;
         let cut = proxy.on_script(Fault::CutAfter, 1, &sha("acquire"));
         let mut lease = backend.lease(b"k", soon(3000)).await.unwrap();
         cut.completed(1).await;
@@ -123,7 +102,7 @@ async fn an_acquire_cut_off_mid_script_is_taken_when_the_client_sends_it_again()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acquire_delayed_past_the_release_of_its_cancelled_request_leaves_no_lease() {
     bounded(LIMIT, async {
-        let (_server, proxy, backend) = start(|config| config).await;
+        let (_server, proxy, backend) = set_up(|config| config).await;
         let held = proxy.on_script(Fault::Hold, 1, &sha("acquire"));
         let released = proxy.on_script(Fault::Observe, 1, &sha("release"));
         let taker = tokio::spawn({
@@ -147,7 +126,7 @@ async fn an_acquire_delayed_past_the_release_of_its_cancelled_request_leaves_no_
 #[tokio::test]
 async fn a_release_whose_reply_was_lost_still_frees_the_lease() {
     bounded(LIMIT, async {
-        let (_server, proxy, backend) = start(|config| config).await;
+        let (_server, proxy, backend) = set_up(|config| config).await;
         let lost = proxy.on_script(Fault::DropReply, 1, &sha("release"));
         let mut lease = backend.lease(b"k", soon(1000)).await.unwrap();
         lease.commit(b"v", in_an_hour()).await.unwrap();
@@ -165,7 +144,7 @@ async fn a_release_whose_reply_was_lost_still_frees_the_lease() {
 #[tokio::test]
 async fn a_commit_cut_off_mid_script_is_written_once_and_the_lease_kept() {
     bounded(LIMIT, async {
-        let (_server, proxy, backend) = start(|config| config).await;
+        let (_server, proxy, backend) = set_up(|config| config).await;
         let cut = proxy.on_script(Fault::CutAfter, 1, &sha("commit"));
         let mut lease = backend.lease(b"k", soon(1000)).await.unwrap();
         lease.commit(b"v", in_an_hour()).await.unwrap();
@@ -189,7 +168,7 @@ async fn a_commit_cut_off_mid_script_is_written_once_and_the_lease_kept() {
 #[tokio::test]
 async fn a_commit_and_release_whose_reply_was_lost_is_answered_done_when_sent_again() {
     bounded(LIMIT, async {
-        let (_server, proxy, backend) = start(|config| config).await;
+        let (_server, proxy, backend) = set_up(|config| config).await;
         let lost = proxy.on_script(Fault::DropReply, 1, &sha("commit_release"));
         let lease = backend.lease(b"k", soon(1000)).await.unwrap();
         // It runs (writes and releases), its reply is lost, and it is sent again: the second run
@@ -208,7 +187,7 @@ async fn a_commit_and_release_whose_reply_was_lost_is_answered_done_when_sent_ag
 #[tokio::test]
 async fn a_commit_and_release_cut_off_before_it_ran_is_sent_again_and_done() {
     bounded(LIMIT, async {
-        let (_server, proxy, backend) = start(|config| config).await;
+        let (_server, proxy, backend) = set_up(|config| config).await;
         let cut = proxy.on_script(Fault::CutBefore, 1, &sha("commit_release"));
         let lease = backend.lease(b"k", soon(1000)).await.unwrap();
         lease.commit_and_release(b"v", in_an_hour()).await.unwrap();

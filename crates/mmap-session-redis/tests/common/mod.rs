@@ -113,7 +113,7 @@ pub async fn warm_up(backend: &RedisBackend) {
 /// A fresh server, a proxy in front of it and a backend through the proxy, configured by
 /// `config`, with the scripts loaded.
 pub async fn set_up(
-    config: fn(RedisConfig) -> RedisConfig,
+    config: impl FnOnce(RedisConfig) -> RedisConfig,
 ) -> (RedisServer, FaultProxy, RedisBackend) {
     let server = RedisServer::start().unwrap();
     let proxy = FaultProxy::start(server.port()).await.unwrap();
